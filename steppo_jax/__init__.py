@@ -1,0 +1,1 @@
+"""steppo_jax: step-aligned policy optimization for agentic RL, in JAX."""

@@ -1,0 +1,72 @@
+"""The environment protocol: plain Python, no JAX.
+
+An environment is a multi-turn task an agent solves by talking to it. Messages are
+chat dicts (``{"role": "user" | "tool" | "system", "content": str}``) so the rollout
+loop can render them with any tokenizer's chat template.
+
+Life of an episode::
+
+    env = steppo_jax.envs.make("multihop_qa", difficulty=2)
+    reset = env.reset(task_id=17, seed=0)     # opening messages + tool schemas
+    result = env.step(action_text)            # one policy step = one full reply
+    ... until result.done or result.truncated
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Protocol, runtime_checkable
+
+
+@dataclasses.dataclass(frozen=True)
+class Reset:
+    """What an environment hands the agent at the start of an episode.
+
+    messages: the opening chat messages (system and user turns).
+    tools: JSON tool schemas (OpenAI/Hermes style) rendered by the chat template.
+    anchor: hashable description of the initial state (GiGPO step groups).
+    info: anything else (task id, gold answer for logging, ...).
+    """
+
+    messages: list[dict[str, str]]
+    tools: list[dict[str, Any]]
+    anchor: str
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+    """The environment's answer to one policy step.
+
+    messages: observation messages to append (usually one ``tool`` or ``user`` turn);
+      empty when the episode ends without further observation.
+    reward: reward of this step.
+    done: reached a terminal state (bootstrap value 0).
+    truncated: stopped for an external reason (step limit, too many invalid calls);
+      the trainer bootstraps with the critic's value.
+    anchor: hashable description of the state after the step (GiGPO step groups).
+    info: diagnostics, e.g. ``success``, ``invalid_call``, ``f1``.
+    """
+
+    messages: list[dict[str, str]]
+    reward: float
+    done: bool
+    truncated: bool
+    anchor: str
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@runtime_checkable
+class Environment(Protocol):
+    """One episode at a time; a rollout creates one instance per concurrent trajectory."""
+
+    name: str
+    max_steps: int
+
+    def reset(self, task_id: int, seed: int) -> Reset: ...
+
+    def step(self, action_text: str) -> StepResult: ...
+
+    def expert_action(self) -> str:
+        """A reply (reasoning + tool call) that makes progress from the current state."""
+        ...
