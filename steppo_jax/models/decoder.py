@@ -1,0 +1,155 @@
+"""The decoder (policy trunk + LM head), the value head and the separate critic."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from steppo_jax import sharding
+from steppo_jax.models.config import ModelConfig
+from steppo_jax.models.layers import ACT, Block, RMSNorm, _use, make_mask, param
+from steppo_jax.models.rope import rope_tables
+
+
+def default_positions(tokens, segment_ids=None, attention_mask=None) -> jax.Array:
+    """Positions [B, T]: 0.. within each segment (contiguous segments), else counting only
+    non-padding tokens (so left padding starts at 0), else 0..T-1."""
+    b, t = tokens.shape
+    if segment_ids is not None:
+        idx = jnp.broadcast_to(jnp.arange(t), (b, t))
+        starts = jnp.concatenate(
+            [jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+        start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+        return (idx - start_idx).astype(jnp.int32)
+    if attention_mask is not None:
+        return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
+    return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
+
+class Decoder(nnx.Module):
+    """Llama3 / Qwen2 / Qwen3 causal decoder.
+
+    `model(tokens [B,T]) -> logits [B,T,V] float32`; `model.hidden(...) -> [B,T,D]` is the
+    final-norm output (what the LM head and a value head read). `lm_head=False` builds a trunk
+    only (for a separate critic); then `logits` is unavailable unless embeddings are tied.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, lm_head: bool = True):
+        cfg = config
+        pd = cfg.jnp_param_dtype
+        self.config = cfg
+        self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pd)
+        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.norm = RMSNorm(cfg.d_model, cfg.rms_eps, pd)
+        if lm_head and not cfg.tie_embeddings:
+            self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pd)
+
+    # -- training / scoring forward ------------------------------------------------------------
+    def hidden(self, tokens, positions=None, segment_ids=None, attention_mask=None) -> jax.Array:
+        """Final hidden states [B,T,D] (compute dtype) of a packed batch.
+
+        tokens [B,T] int; positions [B,T] (default: `default_positions`); segment_ids [B,T]
+        (tokens attend only within their segment); attention_mask [B,T] bool (False = padding,
+        never attended to).
+        """
+        if positions is None:
+            positions = default_positions(tokens, segment_ids, attention_mask)
+        mask = packed_mask(positions, segment_ids, attention_mask)
+        x = self._embed(tokens)
+        cos, sin = rope_tables(self.config, positions)
+        for layer in self.layers:
+            x, _ = layer(x, cos, sin, mask)
+        return self.norm(x)
+
+    def __call__(self, tokens, positions=None, segment_ids=None, attention_mask=None) -> jax.Array:
+        """Logits [B,T,V] float32; arguments as in `hidden`."""
+        return self.logits(self.hidden(tokens, positions, segment_ids, attention_mask))
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """LM head: hidden [..., D] -> logits [..., V] float32."""
+        dt = h.dtype
+        w = _use(self.embed, dt).T if self.config.tie_embeddings else _use(self.lm_head, dt)
+        return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
+
+    # -- cached forward (sampling) -------------------------------------------------------------
+    def extend(self, tokens, positions, valid, kv):
+        """Appends tokens to a KV cache and returns their hidden states.
+
+        tokens, positions [B,T] int32; valid [B,T] bool; kv: tuple over layers of (k, v), each
+        [B,L,K,hd]. Cache slot == position: token (b,t) is written at slot positions[b,t] when
+        valid (invalid ones are dropped), then attends to slots <= its position. The caller keeps
+        every slot below a row's new positions filled. Returns (hidden [B,T,D], kv).
+        """
+        cap = kv[0][0].shape[1]
+        slots = jnp.where(valid, positions, cap)
+        mask = make_mask(positions, jnp.broadcast_to(jnp.arange(cap), (tokens.shape[0], cap)))
+        x = self._embed(tokens)
+        cos, sin = rope_tables(self.config, positions)
+        new_kv = []
+        for layer, layer_kv in zip(self.layers, kv):
+            x, layer_kv = layer(x, cos, sin, mask, layer_kv, slots)
+            new_kv.append(layer_kv)
+        return self.norm(x), tuple(new_kv)
+
+    def init_kv(self, batch: int, capacity: int):
+        """An empty cache: tuple over layers of (k, v) zeros [batch, capacity, K, hd]."""
+        cfg = self.config
+        shape = (batch, capacity, cfg.n_kv_heads, cfg.head_dim)
+        names = ("batch", "length", "kv_heads", "head_dim")
+        zeros = lambda: sharding.constrain(jnp.zeros(shape, cfg.jnp_dtype), names)  # noqa: E731
+        return tuple((zeros(), zeros()) for _ in range(cfg.n_layers))
+
+    def _embed(self, tokens) -> jax.Array:
+        dt = self.config.jnp_dtype
+        table = sharding.constrain(self.embed.get_value().astype(dt), (None, None))
+        return sharding.constrain(jnp.take(table, tokens, axis=0), ACT)
+
+
+def packed_mask(positions, segment_ids=None, attention_mask=None) -> jax.Array:
+    """[B,T,T] mask of a packed forward: causal by position order, same segment, key valid."""
+    t = positions.shape[1]
+    order = jnp.broadcast_to(jnp.arange(t), positions.shape)
+    return make_mask(order, order, segment_ids, segment_ids, attention_mask)
+
+
+class ValueHead(nnx.Module):
+    """Linear value head: hidden [B,T,D] -> values [B,T] float32."""
+
+    def __init__(self, d_model: int, *, rngs: nnx.Rngs):
+        self.kernel = param(rngs, (d_model,), ("embed",), jnp.float32)
+        self.bias = nnx.Param(jnp.zeros((), jnp.float32), logical_axes=())
+
+    def __call__(self, h: jax.Array) -> jax.Array:
+        return h.astype(jnp.float32) @ _use(self.kernel, jnp.float32) + self.bias.get_value()
+
+
+class Critic(nnx.Module):
+    """Separate critic: a decoder trunk (no LM head) + `ValueHead`. tokens [B,T] -> values [B,T].
+
+    `trunk` (e.g. a loaded policy's copy) replaces the freshly initialised one.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, trunk: Decoder | None = None):
+        self.trunk = trunk if trunk is not None else Decoder(config, rngs=rngs, lm_head=False)
+        self.value_head = ValueHead(config.d_model, rngs=rngs)
+
+    def __call__(self, tokens, positions=None, segment_ids=None, attention_mask=None) -> jax.Array:
+        return self.value_head(self.trunk.hidden(tokens, positions, segment_ids, attention_mask))
+
+
+def create_sharded(make: Callable[[], nnx.Module], mesh: jax.sharding.Mesh) -> nnx.Module:
+    """Builds `make()` with every parameter created directly in its sharding on `mesh`
+    (shapes come from `nnx.eval_shape`; nothing is materialised on one device first)."""
+    abstract = nnx.eval_shape(make)
+    graphdef, abs_state = nnx.split(abstract)
+    shardings = sharding.state_shardings(abs_state, mesh)
+
+    def build():
+        return nnx.state(make())
+
+    with jax.set_mesh(mesh):
+        state = jax.jit(build, out_shardings=shardings)()
+    return nnx.merge(graphdef, state)

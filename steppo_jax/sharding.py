@@ -1,0 +1,97 @@
+"""Meshes and the one logical-axis rule table.
+
+Every parameter carries logical axis names (metadata `logical_axes` on its `nnx.Variable`);
+`RULES` maps each name to mesh axes of a (data, fsdp, tensor) mesh. A mesh axis that is absent
+from the mesh, or that does not divide the dimension, is dropped (that dimension is replicated
+over it), so one table serves every mesh shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axes (None: replicated).
+RULES: dict[str, tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "mlp": ("tensor",),
+    "vocab": ("tensor",),
+    "head_dim": None,
+    "norm": None,
+    "length": None,
+    "layers": None,
+}
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, *, explicit: bool = True,
+              devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
+    """A (data, fsdp, tensor) mesh with Explicit (default) or Auto axis types."""
+    kind = AxisType.Explicit if explicit else AxisType.Auto
+    return jax.make_mesh((data, fsdp, tensor), MESH_AXES, axis_types=(kind,) * 3,
+                         devices=devices)
+
+
+def logical_spec(names: Sequence[str | None], shape: Sequence[int] | None = None,
+                 mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None) -> P:
+    """PartitionSpec for logical axis `names` (one per dimension) under `RULES`.
+
+    With `mesh` (and `shape`), mesh axes missing from the mesh or not dividing the dimension are
+    dropped; a mesh axis is used at most once per spec.
+    """
+    used: set[str] = set()
+    out = []
+    for i, name in enumerate(names):
+        axes = []
+        size = 1
+        for axis in (RULES[name] or ()) if name is not None else ():
+            if axis in used:
+                continue
+            if mesh is not None:
+                if axis not in mesh.axis_names:
+                    continue
+                n = mesh.shape[axis]
+                if shape is not None and shape[i] % (size * n):
+                    continue
+                size *= n
+            axes.append(axis)
+            used.add(axis)
+        out.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
+    return P(*out)
+
+
+def _is_var(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def state_shardings(state: Any, mesh: jax.sharding.Mesh) -> Any:
+    """NamedSharding tree for an `nnx.State` (concrete or abstract) from `logical_axes` metadata."""
+
+    def one(v):
+        names = v.get_metadata().get("logical_axes") or (None,) * v.get_value().ndim
+        return v.replace(NamedSharding(mesh, logical_spec(names, v.get_value().shape, mesh)))
+
+    return jax.tree.map(one, state, is_leaf=_is_var)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Pins activation/weight `x` to the sharding of logical `names` under the current mesh.
+
+    No-op without a mesh. Explicit axes are resharded (`jax.sharding.reshard`), Auto axes get a
+    sharding constraint. Used inside model code to gather FSDP-sharded weights before a matmul
+    and to keep activations batch-sharded.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = logical_spec(names, x.shape, mesh)
+    if all(t == AxisType.Explicit for t in mesh.axis_types):
+        return jax.sharding.reshard(x, spec)
+    return jax.lax.with_sharding_constraint(x, spec)
