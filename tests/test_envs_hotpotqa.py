@@ -1,0 +1,120 @@
+"""HotpotQA loader and environment on small files written by the tests."""
+
+import json
+import random
+
+import pytest
+
+from tests.env_policies import run_episode, success_rate
+from steppo_jax.envs import make
+from steppo_jax.envs.hotpotqa import load_examples
+
+WORDS = ("river valley castle harbor mountain forest bridge island tower market garden "
+         "temple lake desert canyon").split()
+
+
+def synthetic_records(n, seed=0):
+    """HotpotQA-shaped records: two supporting paragraphs and three distractors each."""
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        city, founder, year = f"Velmor{i}", f"Arden{i}", str(1500 + i)
+        paragraphs = [
+            [city, [f"{city} is a town near the {rng.choice(WORDS)}.",
+                    f"{city} was founded by {founder}."]],
+            [founder, [f"{founder} was an explorer.", f"{founder} was born in {year}."]],
+        ]
+        for j in range(3):
+            title = f"{rng.choice(WORDS).title()} {i}-{j}"
+            paragraphs.append([title, [f"{title} is a {rng.choice(WORDS)} landmark."]])
+        rng.shuffle(paragraphs)
+        records.append({
+            "_id": f"q{i}", "question": f"In which year was the founder of {city} born?",
+            "answer": year, "type": "bridge", "level": "medium", "context": paragraphs,
+            "supporting_facts": [[city, 1], [founder, 1]],
+        })
+    return records
+
+
+@pytest.fixture(scope="module")
+def hotpot_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hotpot") / "dev.json"
+    path.write_text(json.dumps(synthetic_records(200)))
+    return str(path)
+
+
+def test_expert_solves_and_random_rarely_does(hotpot_file):
+    env = make("hotpotqa", path=hotpot_file)
+    assert env.num_tasks == 200
+    assert success_rate(env, policy="expert") >= 0.99
+    assert success_rate(env, policy="random") <= 0.05
+
+
+def test_search_ranks_the_right_paragraph_and_expert_reads_supporting_facts(hotpot_file):
+    env = make("hotpotqa", path=hotpot_file, top_k=1)
+    reset, steps = run_episode(env, 3, 0)
+    assert reset.messages[1]["content"] == "In which year was the founder of Velmor3 born?"
+    observations = [r.messages[0]["content"] for _, r in steps[:-1]]
+    assert len(observations) == 2
+    assert observations[0].startswith("Velmor3: ") and "founded by Arden3." in observations[0]
+    assert observations[1] == "Arden3: Arden3 was an explorer. Arden3 was born in 1503."
+    final = steps[-1][1]
+    assert final.done and final.reward == 1.0 and final.info["f1"] == 1.0
+
+
+def test_partial_answer_gets_f1_but_no_reward(hotpot_file):
+    env = make("hotpotqa", path=hotpot_file)
+    env.reset(0, 0)
+    result = env.step('<tool_call>{"name": "answer", "arguments": {"answer": "in 1500 AD"}}'
+                      "</tool_call>")
+    assert result.reward == 0.0 and result.info["f1"] == pytest.approx(2 * (1 / 3) / (4 / 3))
+
+
+def test_same_task_same_episode_and_task_range(hotpot_file):
+    a, b = make("hotpotqa", path=hotpot_file), make("hotpotqa", path=hotpot_file)
+    assert run_episode(a, 17, 0) == run_episode(b, 17, 0)
+    with pytest.raises(IndexError, match="200 records"):
+        a.reset(200, 0)
+
+
+def test_hugging_face_layout_and_jsonl(tmp_path):
+    hf = []
+    for r in synthetic_records(3):
+        titles, sentences = zip(*r["context"])
+        facts_titles, facts_ids = zip(*r["supporting_facts"])
+        hf.append({"id": r["_id"], "question": r["question"], "answer": r["answer"],
+                   "context": {"title": list(titles), "sentences": list(sentences)},
+                   "supporting_facts": {"title": list(facts_titles), "sent_id": list(facts_ids)}})
+    path = tmp_path / "hf.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in hf))
+    original = tmp_path / "orig.json"
+    original.write_text(json.dumps(synthetic_records(3)))
+    assert load_examples(str(path)) == load_examples(str(original))
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"data": []}', "expected a JSON list"),
+    ("[]", "no records"),
+    ('[{"question": "q", "answer": "a", "context": [["t", ["s"]]]}]', "'supporting_facts'"),
+    ('[{"question": "q", "answer": "a", "context": [3], "supporting_facts": []}]',
+     "record 0: 'context' must hold"),
+])
+def test_bad_files_give_clear_errors(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        make("hotpotqa", path=str(path))
+
+
+def test_missing_file_and_missing_parquet_reader(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        make("hotpotqa", path=str(tmp_path / "nope.json"))
+    try:
+        import pyarrow  # noqa: F401
+        pytest.skip("pyarrow installed: the missing-reader error cannot occur")
+    except ImportError:
+        pass
+    path = tmp_path / "dev.parquet"
+    path.write_bytes(b"PAR1")
+    with pytest.raises(ImportError, match="needs pyarrow"):
+        make("hotpotqa", path=str(path))
