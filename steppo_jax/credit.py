@@ -38,7 +38,7 @@ def step_sums(x_bt: jax.Array, step_ids_bt: jax.Array, num_steps: int) -> jax.Ar
 
 def step_counts(step_ids_bt: jax.Array, num_steps: int) -> jax.Array:
     """[B, S] int32 number of tokens of each step."""
-    return step_sums(jnp.ones(step_ids_bt.shape, jnp.int32), step_ids_bt, num_steps)
+    return step_sums(jnp.ones_like(step_ids_bt), step_ids_bt, num_steps)
 
 
 def to_tokens(x_bs: jax.Array, step_ids_bt: jax.Array) -> jax.Array:

@@ -66,8 +66,7 @@ def traj_to_tokens(batch: StepBatch, x_n: jax.Array) -> jax.Array:
 def _grid_values(batch: StepBatch, values_bt: jax.Array):
     """Critic values at step boundaries on the grid [N, S] and bootstrap values [N]."""
     values_ns = batch.to_grid(credit.read_at(values_bt, batch.value_pos))
-    row, pos = batch.bootstrap_index()
-    bootstrap = jnp.where(batch.terminated, 0.0, values_bt[row, pos])
+    bootstrap = jnp.where(batch.terminated, 0.0, batch.bootstrap_values(values_bt))
     return values_ns, bootstrap
 
 

@@ -140,6 +140,13 @@ class StepBatch:
                                    self.num_traj, 1)[:, 0]
         return row_of_last, last[row_of_last]
 
+    def bootstrap_values(self, values_bt: jax.Array) -> jax.Array:
+        """[N] critic values at ``bootstrap_index()`` (a row-local read when packed)."""
+        row, pos = self.bootstrap_index()
+        if self.packed:
+            return jnp.take_along_axis(values_bt, pos[:, None], axis=1)[:, 0]
+        return values_bt[row, pos]
+
 
 def rows_to_grid(x_bs, traj_index_bs, step_index_bs, num_traj: int, num_steps: int):
     """Scatter slot values ``[B, S_row]`` onto the grid ``[N, S]``; unused slots dropped.
@@ -224,6 +231,17 @@ def validate(batch: StepBatch) -> StepBatch:
     if np.any((b.group_ids < 0) | (b.group_ids >= N)):
         _fail("group_ids", f"must lie in [0, N={N})", _first((b.group_ids < 0) | (b.group_ids >= N)))
 
+    if not b.packed:
+        cover = np.zeros((N, S), np.int64)
+        ti, si = b.traj_index, b.step_index
+        used = (ti >= 0) | (si >= 0)
+        if np.any(used & ((ti < 0) | (ti >= N) | (si < 0) | (si >= S))):
+            _fail("traj_index", f"slot maps outside the grid [N={N}, S={S}]", _first(used & ((ti < 0) | (ti >= N) | (si < 0) | (si >= S))))
+        np.add.at(cover, (ti[used], si[used]), 1)
+        if np.any(cover[b.step_mask] != 1):
+            _fail("traj_index", "each valid grid step must be covered by exactly one slot", _first((cover != 1) & b.step_mask))
+        if np.any(cover[~b.step_mask] != 0):
+            _fail("traj_index", "a slot maps to a grid step that step_mask marks invalid", _first((cover != 0) & ~b.step_mask))
     slot_mask = _slot_mask_np(b, N, S)
     for row in range(B):
         first_pos = -1
@@ -245,17 +263,6 @@ def validate(batch: StepBatch) -> StepBatch:
                 _fail("value_pos", "must lie in the same segment as the slot's first action token", (row, k))
             first_pos = pos[0] if first_pos < 0 else first_pos
             last_pos = pos[-1]
-    if not b.packed:
-        cover = np.zeros((N, S), np.int64)
-        ti, si = b.traj_index, b.step_index
-        used = (ti >= 0) | (si >= 0)
-        if np.any(used & ((ti < 0) | (ti >= N) | (si < 0) | (si >= S))):
-            _fail("traj_index", f"slot maps outside the grid [N={N}, S={S}]", _first(used & ((ti < 0) | (ti >= N) | (si < 0) | (si >= S))))
-        np.add.at(cover, (ti[used], si[used]), 1)
-        if np.any(cover[b.step_mask] != 1):
-            _fail("traj_index", "each valid grid step must be covered by exactly one slot", _first((cover != 1) & b.step_mask))
-        if np.any(cover[~b.step_mask] != 0):
-            _fail("traj_index", "a slot maps to a grid step that step_mask marks invalid", _first((cover != 0) & ~b.step_mask))
     return batch
 
 

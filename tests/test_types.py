@@ -1,0 +1,101 @@
+"""StepBatch: the worked example, validate() on malformed batches, grid/rows mapping."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from steppo_jax.types import BatchError, StepBatch, grid_to_rows, rows_to_grid, validate
+from tests.step_data import packed_batch, random_trajectories, step_rows_batch
+
+
+def worked_example() -> StepBatch:
+    """DESIGN §2: prompt p0..p2, step 0 = a0..a2, observation o0 o1, step 1 = b0 b1."""
+    ids = np.array([[-1, -1, -1, 0, 0, 0, -1, -1, 1, 1, -1, -1]], np.int32)
+    return StepBatch(
+        tokens=np.arange(1, 13, dtype=np.int32)[None] * (np.arange(12) < 10),
+        action_mask=ids >= 0,
+        step_ids=ids,
+        seq_lens=np.array([10], np.int32),
+        value_pos=np.array([[2, 7, 0]], np.int32),
+        old_logp=np.zeros((1, 12), np.float32),
+        ref_logp=np.zeros((1, 12), np.float32),
+        step_rewards=np.array([[0.0, 1.0, 0.0]], np.float32),
+        step_mask=np.array([[True, True, False]]),
+        anchor_ids=np.zeros((1, 3), np.int32),
+        terminated=np.array([True]),
+        group_ids=np.array([0], np.int32),
+    )
+
+
+def replace(batch, **fields):
+    return dataclasses.replace(batch, **{k: np.asarray(v) for k, v in fields.items()})
+
+
+def test_worked_example_is_valid_and_matches_the_generator():
+    batch = validate(worked_example())
+    assert (batch.batch_size, batch.seq_len, batch.num_steps, batch.num_traj) == (1, 12, 3, 1)
+    row, pos = batch.bootstrap_index()
+    assert (int(row[0]), int(pos[0])) == (0, 9)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_generated_batches_are_valid(seed):
+    trajs = random_trajectories(np.random.default_rng(seed), 9, 5)
+    validate(packed_batch(trajs, 5))
+    validate(step_rows_batch([dataclasses.replace(t, final_obs=0) for t in trajs], 5))
+
+
+def ids_with(change):
+    ids = worked_example().step_ids.copy()
+    change(ids)
+    return ids
+
+
+MALFORMED = {
+    "shape": (dict(action_mask=np.zeros((1, 11), bool)), "action_mask: shape"),
+    "dtype": (dict(step_mask=np.ones((1, 3), np.int32)), "step_mask: dtype"),
+    "non-prefix mask": (dict(step_mask=np.array([[True, False, True]])), "prefix"),
+    "step id out of range": (dict(step_ids=ids_with(lambda i: i.__setitem__((0, 9), 3)),
+                                  action_mask=ids_with(lambda i: i.__setitem__((0, 9), 3)) >= 0), "must be -1 or a slot"),
+    "action without step": (dict(action_mask=np.array([[0, 0, 1, 1, 1, 1, 0, 0, 1, 1, 0, 0]], bool)), "has no step"),
+    "step id off the action mask": (dict(action_mask=np.array([[0, 0, 0, 1, 1, 0, 0, 0, 1, 1, 0, 0]], bool)),
+                                    "non-action token carries"),
+    "value position at the first action": (dict(value_pos=np.array([[3, 7, 0]], np.int32)), "value_pos"),
+    "value position after the step": (dict(value_pos=np.array([[2, 9, 0]], np.int32)), "value_pos"),
+    "valid step without tokens": (dict(step_mask=np.array([[True, True, True]])), "no action tokens"),
+    "tokens for an invalid step": (dict(step_mask=np.array([[True, False, False]])), "not a valid step"),
+    "group id out of range": (dict(group_ids=np.array([4], np.int32)), "group_ids"),
+    "action in the padding": (dict(seq_lens=np.array([9], np.int32)), "padding"),
+    "steps out of order": (dict(step_ids=np.array([[-1, -1, -1, 1, 1, 1, -1, -1, 0, 0, -1, -1]], np.int32)), "in order"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_validate_names_field_and_rule(case):
+    fields, message = MALFORMED[case]
+    with pytest.raises(BatchError, match=message):
+        validate(replace(worked_example(), **fields))
+
+
+def test_validate_rejects_bad_layout():
+    trajs = [dataclasses.replace(t, final_obs=0) for t in random_trajectories(np.random.default_rng(0), 6, 3, empty_frac=0)]
+    rows = step_rows_batch(trajs, 3)
+    ti = np.array(rows.traj_index)
+    ti[1, 0] = ti[0, 0]  # two slots claim one grid step, another step is left uncovered
+    si = np.array(rows.step_index)
+    si[1, 0] = si[0, 0]
+    with pytest.raises(BatchError, match="exactly one slot"):
+        validate(replace(rows, traj_index=ti, step_index=si))
+    with pytest.raises(BatchError, match="outside the grid"):
+        validate(replace(rows, traj_index=np.where(ti >= 0, ti + 100, ti)))
+
+
+def test_rows_grid_round_trip():
+    ti = jnp.array([[0, -1], [1, 0], [-1, -1]])
+    si = jnp.array([[1, -1], [0, 0], [-1, -1]])
+    x = jnp.array([[1.0, 9.0], [2.0, 3.0], [9.0, 9.0]])
+    grid = rows_to_grid(x, ti, si, 2, 2)
+    np.testing.assert_array_equal(grid, [[3.0, 1.0], [2.0, 0.0]])
+    np.testing.assert_array_equal(grid_to_rows(grid, ti, si), [[1.0, 0.0], [2.0, 3.0], [0.0, 0.0]])
