@@ -5,7 +5,7 @@ with a bad reply so error observations are seen too) are rendered through the ch
 ``steppo_jax.tokenizer``, and a byte-level BPE is trained on them with ``tokenizers``. The
 result is saved as a ``transformers`` tokenizer directory (default: the shipped asset)::
 
-    python scripts/train_tokenizer.py [--out DIR] [--vocab-size 1500] [--episodes 300]
+    python scripts/train_tokenizer.py [--out DIR] [--vocab-size 2000] [--episodes 300]
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def train(episodes: int, vocab_size: int) -> PreTrainedTokenizerFast:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=DEFAULT_PATH, help="output directory")
-    parser.add_argument("--vocab-size", type=int, default=1500)
+    parser.add_argument("--vocab-size", type=int, default=2000)
     parser.add_argument("--episodes", type=int, default=300, help="per environment and level")
     args = parser.parse_args()
     tokenizer = train(args.episodes, args.vocab_size)

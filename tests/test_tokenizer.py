@@ -129,3 +129,11 @@ def test_training_script_reproduces_the_shipped_tokenizer(tmp_path):
                     "--out", str(out)], check=True, capture_output=True, cwd=tmp_path)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (out / name).read_bytes() == open(os.path.join(DEFAULT_PATH, name), "rb").read()
+
+
+def test_demo_names_are_single_tokens_in_prose_and_in_json(tok):
+    # A tiny policy copies names from observations (" Kalo") into JSON arguments ("Kalo").
+    from steppo_jax.envs.multihop_qa import LEVELS, NAMES
+    for name in NAMES[:LEVELS[1].name_pool]:
+        assert len(tok.encode(" " + name, add_special_tokens=False)) == 1, name
+        assert len(tok.encode('"' + name + '"', add_special_tokens=False)) == 3, name
