@@ -1,0 +1,124 @@
+"""Pure, jittable multi-turn generation: prefill new tokens into a per-row KV cache, then decode.
+
+Layout: row b's cache holds its whole conversation so far in slots [0, lengths[b]) (slot ==
+position, so positions are exactly those of the trainer's packed row). A call appends each
+active row's new tokens at its own offset (no left padding; widths are bucketed by the caller),
+then decodes with a `lax.while_loop` until every active row has produced a stop token from its
+set or `max_new_tokens`. The last sampled token of a row is not yet in the cache: it is kept as
+`pending` and prefilled in front of that row's new tokens on the next call, so across calls
+the cache always matches every token so far. Inactive rows change nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from steppo_jax.sampling.select import SamplingParams, select_tokens
+
+
+@struct.dataclass
+class DecodeState:
+    """Per-row conversation state carried across calls (donate it).
+
+    kv: tuple over layers of (k, v) [B, L, K, hd]; lengths [B] int32 (tokens in the cache);
+    pending [B] int32 (last sampled token, not yet cached); has_pending [B] bool.
+    """
+
+    kv: Any
+    lengths: jax.Array
+    pending: jax.Array
+    has_pending: jax.Array
+
+    @property
+    def capacity(self) -> int:
+        return self.kv[0][0].shape[1]
+
+
+class Generation(NamedTuple):
+    """tokens, logprobs [B, max_new] (zero past `lengths`); lengths [B]; stopped [B] (ended on a
+    stop token rather than on max_new_tokens)."""
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    lengths: jax.Array
+    stopped: jax.Array
+
+
+def init_state(model, batch: int, capacity: int) -> DecodeState:
+    """Empty state for `batch` rows of `capacity` cache slots."""
+    zeros = jnp.zeros((batch,), jnp.int32)
+    return DecodeState(model.init_kv(batch, capacity), zeros, zeros, zeros.astype(bool))
+
+
+def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, new_tokens: jax.Array,
+             new_lens: jax.Array, active: jax.Array, reset: jax.Array, stop_ids: jax.Array,
+             key: jax.Array, *, max_new_tokens: int,
+             sampling: SamplingParams = SamplingParams()) -> tuple[DecodeState, Generation]:
+    """One agent step for every active row.
+
+    new_tokens [B,N] int32 (row b's first new_lens[b] entries are real); active [B] bool; reset
+    [B] bool (forget the row's history first: a new conversation); stop_ids [B,S] int32 (-1 pads
+    a row's stop set); key: PRNG key. An active row needs at least one token to prefill (its
+    pending token or a new one), and lengths + pending + new_lens + max_new_tokens <= capacity
+    (not checked here: see `Sampler`). Returns (new state, Generation).
+    """
+    model = nnx.merge(graphdef, params)
+    b, n = new_tokens.shape
+    rows = jnp.arange(b)
+    lengths = jnp.where(reset, 0, state.lengths)
+    has_pending = state.has_pending & ~reset
+
+    # Prefill: [pending?] + new tokens, at positions lengths[b] + i.
+    tokens = jnp.where(has_pending[:, None],
+                       jnp.concatenate([state.pending[:, None], new_tokens], axis=1),
+                       jnp.concatenate([new_tokens, jnp.zeros_like(new_tokens[:, :1])], axis=1))
+    count = jnp.where(active, new_lens + has_pending.astype(jnp.int32), 0)
+    offsets = jnp.arange(n + 1, dtype=jnp.int32)
+    h, kv = model.extend(tokens, lengths[:, None] + offsets, offsets < count[:, None], state.kv)
+    lengths = lengths + count
+    logits = model.logits(h[rows, jnp.maximum(count - 1, 0)])
+
+    def is_stop(tok):
+        return jnp.any(tok[:, None] == stop_ids, axis=1)
+
+    tok, logp = select_tokens(logits, jax.random.fold_in(key, 0), sampling)
+    out_tok = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(jnp.where(active, tok, 0))
+    out_lp = jnp.zeros((b, max_new_tokens), jnp.float32).at[:, 0].set(jnp.where(active, logp, 0.0))
+    stopped = active & is_stop(tok)
+    done = ~active | stopped | (max_new_tokens == 1)
+    counts = active.astype(jnp.int32)
+
+    def cond(carry):
+        i, _, _, _, done, *_ = carry
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, kv, lengths, cur, done, stopped, counts, out_tok, out_lp = carry
+        live = ~done
+        h, kv = model.extend(cur[:, None], lengths[:, None], live[:, None], kv)
+        lengths = lengths + live
+        tok, logp = select_tokens(model.logits(h[:, 0]), jax.random.fold_in(key, i), sampling)
+        out_tok = out_tok.at[:, i].set(jnp.where(live, tok, 0))
+        out_lp = out_lp.at[:, i].set(jnp.where(live, logp, 0.0))
+        stop = live & is_stop(tok)
+        done = done | stop | (i + 1 >= max_new_tokens)
+        cur = jnp.where(live, tok, cur)
+        return i + 1, kv, lengths, cur, done, stopped | stop, counts + live, out_tok, out_lp
+
+    carry = (jnp.ones((), jnp.int32), kv, lengths, tok, done, stopped, counts, out_tok, out_lp)
+    _, kv, lengths, cur, _, stopped, counts, out_tok, out_lp = jax.lax.while_loop(cond, body, carry)
+    new_state = DecodeState(
+        kv=kv,
+        lengths=lengths,
+        pending=jnp.where(active, cur, state.pending),
+        has_pending=active | has_pending,
+    )
+    return new_state, Generation(out_tok, out_lp, counts, stopped)
+
+
+jit_generate = jax.jit(generate, static_argnames=("graphdef", "max_new_tokens", "sampling"),
+                       donate_argnames=("state",))

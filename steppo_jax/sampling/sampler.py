@@ -1,0 +1,99 @@
+"""Host-side sampler for the rollout loop: B conversations, one agent step per call."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from steppo_jax.sampling.generate import init_state, jit_generate
+from steppo_jax.sampling.select import SamplingParams
+
+
+def bucket(n: int, minimum: int = 8) -> int:
+    """Smallest power of two >= max(n, minimum)."""
+    return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
+class StepOutput(NamedTuple):
+    """Per row: generated ids and their behaviour log-probs (empty for inactive rows);
+    `stopped[b]` is True when the step ended on one of the row's stop tokens."""
+
+    tokens: list[list[int]]
+    logprobs: list[np.ndarray]
+    stopped: np.ndarray
+
+
+class Sampler:
+    """Keeps B rows' KV caches across agent steps.
+
+    `step(new_tokens, stop_ids, key)`: row b gets `new_tokens[b]` appended (prompt on the first
+    turn, observation tokens later; None = row inactive this call, left untouched) and decodes
+    one step. `reset=True` (or `reset=[...]` per row) starts new conversations. New-token widths
+    are bucketed to powers of two, so repeated turns reuse one compiled program per bucket.
+    """
+
+    def __init__(self, model, *, batch_size: int, capacity: int, max_new_tokens: int,
+                 sampling: SamplingParams = SamplingParams(), max_stop_ids: int = 8,
+                 mesh: jax.sharding.Mesh | None = None):
+        self.graphdef, self.params = nnx.split(model)
+        self.batch_size, self.capacity = batch_size, capacity
+        self.max_new_tokens, self.sampling, self.max_stop_ids = max_new_tokens, sampling, max_stop_ids
+        self.mesh = mesh
+        self._lengths = np.zeros(batch_size, np.int64)  # host mirror: cached + pending tokens
+        with self._mesh_ctx():
+            self.state = jax.jit(lambda: init_state(model, batch_size, capacity))()
+
+    def _mesh_ctx(self):
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+    def set_params(self, params: nnx.State) -> None:
+        """Swap in new policy weights (same structure), e.g. after a training step."""
+        self.params = params
+
+    def step(self, new_tokens: Sequence[Sequence[int] | None], stop_ids, key: jax.Array,
+             reset: bool | Sequence[bool] = False) -> StepOutput:
+        """stop_ids: one id list shared by all rows, or one list per row."""
+        b = self.batch_size
+        if len(new_tokens) != b:
+            raise ValueError(f"expected {b} rows of new tokens, got {len(new_tokens)}")
+        reset_rows = np.broadcast_to(np.asarray(reset, bool), (b,)).copy()
+        active = np.array([t is not None for t in new_tokens])
+        lens = np.array([len(t) if t is not None else 0 for t in new_tokens])
+        lengths = np.where(reset_rows, 0, self._lengths)
+        for r in np.flatnonzero(active):
+            if lengths[r] + lens[r] == 0:
+                raise ValueError(f"row {r} is active but has no context to decode from")
+            if lengths[r] + lens[r] + self.max_new_tokens > self.capacity:
+                raise ValueError(f"row {r}: {lengths[r]} cached + {lens[r]} new + max_new_tokens="
+                                 f"{self.max_new_tokens} exceeds the cache capacity {self.capacity}")
+        tok = np.zeros((b, bucket(int(lens.max(initial=1)))), np.int32)
+        for r in np.flatnonzero(active):
+            tok[r, :lens[r]] = new_tokens[r]
+        stops = self._stop_array(stop_ids)
+
+        with self._mesh_ctx():
+            self.state, out = jit_generate(
+                self.graphdef, self.params, self.state, jnp.asarray(tok), jnp.asarray(lens, jnp.int32),
+                jnp.asarray(active), jnp.asarray(reset_rows), jnp.asarray(stops), key,
+                max_new_tokens=self.max_new_tokens, sampling=self.sampling)
+        tokens, logprobs, n, stopped = jax.device_get(tuple(out))
+        self._lengths = np.where(active, lengths + lens + n, lengths)
+        return StepOutput(
+            tokens=[tokens[r, :n[r]].tolist() for r in range(b)],
+            logprobs=[logprobs[r, :n[r]] for r in range(b)],
+            stopped=np.asarray(stopped),
+        )
+
+    def _stop_array(self, stop_ids) -> np.ndarray:
+        per_row = stop_ids if stop_ids and isinstance(stop_ids[0], (list, tuple, np.ndarray)) else [stop_ids] * self.batch_size
+        out = np.full((self.batch_size, self.max_stop_ids), -1, np.int32)
+        for r, ids in enumerate(per_row):
+            if len(ids) > self.max_stop_ids:
+                raise ValueError(f"row {r} has {len(ids)} stop ids > max_stop_ids={self.max_stop_ids}")
+            out[r, :len(ids)] = ids
+        return out

@@ -1,0 +1,54 @@
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How tokens are chosen (static: a change recompiles).
+
+    temperature > 0 scales logits; top_k = 0 and top_p = 1.0 disable those filters; greedy takes
+    the argmax. Reported log-probs are always those of softmax(logits / temperature), untruncated
+    by top-k/top-p (the trainer's `token_logprobs` convention), also when greedy.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = False
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (use greedy=True), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+def select_tokens(logits: jax.Array, key: jax.Array, params: SamplingParams):
+    """logits [B,V] -> (tokens [B] int32, logprobs [B] float32)."""
+    scaled = logits.astype(jnp.float32) / params.temperature
+    logp = jax.nn.log_softmax(scaled, axis=-1)
+    if params.greedy:
+        tokens = jnp.argmax(scaled, axis=-1)
+    else:
+        masked = scaled
+        if params.top_k:
+            kth = jax.lax.top_k(scaled, params.top_k)[0][:, -1:]
+            masked = jnp.where(scaled < kth, -jnp.inf, masked)
+        if params.top_p < 1.0:
+            desc = -jnp.sort(-masked, axis=-1)
+            probs = jax.nn.softmax(desc, axis=-1)
+            before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each candidate
+            kept = jnp.where(before < params.top_p, desc, jnp.inf)
+            threshold = jnp.min(kept, axis=-1, keepdims=True)
+            masked = jnp.where(masked < threshold, -jnp.inf, masked)
+        tokens = jax.random.categorical(key, masked, axis=-1)
+    tokens = tokens.astype(jnp.int32)
+    return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]

@@ -1,0 +1,167 @@
+"""Sampler: cached decode == recompute, multi-turn == re-prefill, log-probs == trainer, no recompiles."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from steppo_jax.models import Decoder, ModelConfig, token_logprobs
+from steppo_jax.sampling import Sampler, SamplingParams, bucket, jit_generate, select_tokens
+
+CFG = ModelConfig(model_type="qwen3", vocab_size=128, d_model=48, n_layers=2, n_heads=4,
+                  n_kv_heads=2, head_dim=12, mlp_dim=96, qk_norm=True, tie_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = Decoder(CFG, rngs=nnx.Rngs(3))
+    # sharpen the random model so greedy/argmax has clear winners
+    m.lm_head.set_value(m.lm_head.get_value() * 40.0)
+    return m
+
+
+@nnx.jit
+def _padded_logits(model, tokens):
+    return model(tokens)
+
+
+def _logits(model, seq):
+    """Logits [len(seq), V] of one sequence, right-padded to 128 so one compile serves all."""
+    tokens = np.zeros((1, 128), np.int32)
+    tokens[0, :len(seq)] = seq
+    return np.asarray(_padded_logits(model, jnp.asarray(tokens)))[0, :len(seq)]
+
+
+def _trainer_logprobs(model, seq, temperature=1.0):
+    tokens = jnp.asarray([seq], jnp.int32)
+    logits = jnp.asarray(_logits(model, seq))[None]
+    return np.asarray(token_logprobs(logits, tokens, temperature))[0]
+
+
+def _greedy_recompute(model, prompt, n):
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(np.argmax(_logits(model, seq)[-1])))
+    return seq[len(prompt):]
+
+
+def test_cached_greedy_equals_recompute_and_trainer_logprobs(model):
+    prompts = [[5, 9, 13, 2, 7], [3], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
+    s = Sampler(model, batch_size=3, capacity=64, max_new_tokens=12,
+                sampling=SamplingParams(greedy=True))
+    out = s.step(prompts, [], jax.random.key(0), reset=True)
+    for r, p in enumerate(prompts):
+        assert out.tokens[r] == _greedy_recompute(model, p, 12)
+        lp = _trainer_logprobs(model, p + out.tokens[r])[len(p):]
+        np.testing.assert_allclose(out.logprobs[r], lp, atol=1e-5)
+    assert not out.stopped.any()
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(temperature=0.7, top_k=5),
+                                      SamplingParams(temperature=1.3, top_p=0.8),
+                                      SamplingParams()])
+def test_multiturn_continuation_matches_full_history(model, sampling):
+    """Three turns with observations; each turn's log-probs equal the trainer's forward over the
+    whole packed history, and the history equals what a fresh sampler re-prefilling it sees."""
+    rng = np.random.default_rng(0)
+    b = 3
+    s = Sampler(model, batch_size=b, capacity=128, max_new_tokens=8, sampling=sampling)
+    history = [list(rng.integers(0, 128, n)) for n in (4, 9, 6)]
+    new = [list(h) for h in history]
+    key = jax.random.key(1)
+    for turn in range(3):
+        key, sub = jax.random.split(key)
+        out = s.step(new, [[1, 2], [3], [4, 5, 6]], sub, reset=turn == 0)
+        for r in range(b):
+            seq = history[r] + out.tokens[r]
+            lp = _trainer_logprobs(model, seq, sampling.temperature)[len(history[r]):]
+            np.testing.assert_allclose(out.logprobs[r], lp, atol=1e-5)
+            if out.stopped[r]:
+                assert out.tokens[r][-1] in ([1, 2], [3], [4, 5, 6])[r]
+            history[r] = seq
+        new = [list(rng.integers(0, 128, 1 + turn + r)) for r in range(b)]
+        history = [h + o for h, o in zip(history, new)]
+    # the cache now holds every token but the last sampled one (pending)
+    lengths = np.asarray(s.state.lengths)
+    assert list(lengths) == [len(h) - len(o) - 1 for h, o in zip(history, new)]
+
+
+def test_multiturn_greedy_equals_reprefill(model):
+    s = Sampler(model, batch_size=2, capacity=128, max_new_tokens=6,
+                sampling=SamplingParams(greedy=True))
+    fresh = Sampler(model, batch_size=2, capacity=128, max_new_tokens=6,
+                    sampling=SamplingParams(greedy=True))
+    history = [[7, 8, 9], [10, 11, 12, 13, 14]]
+    new = [list(h) for h in history]
+    for turn in range(3):
+        out = s.step(new, [], jax.random.key(turn), reset=turn == 0)
+        ref = fresh.step(history, [], jax.random.key(turn), reset=True)
+        assert out.tokens == ref.tokens
+        for a, b_ in zip(out.logprobs, ref.logprobs):
+            np.testing.assert_allclose(a, b_, atol=1e-5)
+        new = [[20 + turn, 21], [22 + turn]]
+        history = [h + o + n for h, o, n in zip(history, out.tokens, new)]
+
+
+def test_stop_tokens_per_row_and_inactive_rows_untouched(model):
+    s = Sampler(model, batch_size=3, capacity=64, max_new_tokens=10,
+                sampling=SamplingParams(greedy=True))
+    prompts = [[1, 2, 3], [4, 5, 6], [7, 8]]
+    free = s.step(prompts, [], jax.random.key(0), reset=True)
+    stops = [[free.tokens[0][3]], [free.tokens[1][0]], [-5]]
+    out = s.step(prompts, stops, jax.random.key(0), reset=True)
+    assert out.tokens[0] == free.tokens[0][:free.tokens[0].index(stops[0][0]) + 1]
+    assert out.tokens[1] == free.tokens[1][:1]
+    assert out.tokens[2] == free.tokens[2]
+    assert list(out.stopped) == [True, True, False]
+
+    before = jax.tree.map(np.asarray, s.state)
+    out2 = s.step([None, [9], None], [], jax.random.key(1))
+    after = jax.tree.map(np.asarray, s.state)
+    assert out2.tokens[0] == [] and out2.tokens[2] == [] and len(out2.tokens[1]) == 10
+    for r in (0, 2):
+        for (k0, v0), (k1, v1) in zip(before.kv, after.kv):
+            np.testing.assert_array_equal(k0[r], k1[r])
+            np.testing.assert_array_equal(v0[r], v1[r])
+        assert before.lengths[r] == after.lengths[r] and before.pending[r] == after.pending[r]
+
+
+def test_no_recompile_across_turns_and_batches(model):
+    s = Sampler(model, batch_size=2, capacity=128, max_new_tokens=4)
+    key = jax.random.key(0)
+    s.step([[1, 2, 3], [4, 5]], [9], key, reset=True)  # new-token bucket 8
+    n = jit_generate._cache_size()
+    for turn in range(3):
+        s.step([[1] * (turn + 1), None if turn == 1 else [2, 3]], [9], jax.random.fold_in(key, turn))
+    s.step([[5, 6, 7, 8], [9]], [9], key, reset=True)  # a new batch, same bucket
+    assert jit_generate._cache_size() == n
+    s.step([[5] * 9, [9]], [9], key, reset=True)  # next bucket (16) compiles once
+    assert jit_generate._cache_size() == n + 1
+    assert [bucket(i) for i in (1, 8, 9, 17)] == [8, 8, 16, 32]
+
+
+def test_capacity_and_context_errors(model):
+    s = Sampler(model, batch_size=1, capacity=16, max_new_tokens=8)
+    with pytest.raises(ValueError, match="capacity"):
+        s.step([[1] * 9], [], jax.random.key(0), reset=True)
+    with pytest.raises(ValueError, match="no context"):
+        s.step([[]], [], jax.random.key(0), reset=True)
+
+
+def test_select_tokens_filters():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 2000))
+    keys = jax.random.key(0)
+    tok, lp = select_tokens(logits, keys, SamplingParams(top_k=2))
+    assert set(np.unique(tok)) == {0, 1}
+    np.testing.assert_allclose(lp, np.log(np.array([0.5, 0.3, 0.15, 0.05]))[np.asarray(tok)], atol=1e-6)
+    tok, _ = select_tokens(logits, keys, SamplingParams(top_p=0.75))  # keeps {0, 1}
+    assert set(np.unique(tok)) == {0, 1}
+    tok, _ = select_tokens(logits, keys, SamplingParams(top_p=0.4))
+    assert set(np.unique(tok)) == {0}
+    tok, _ = select_tokens(logits, keys, SamplingParams())
+    freq = np.bincount(np.asarray(tok), minlength=4) / 2000
+    np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.05)
+    tok, lp = select_tokens(logits, keys, SamplingParams(greedy=True, temperature=2.0))
+    assert (np.asarray(tok) == 0).all()
+    np.testing.assert_allclose(lp, jax.nn.log_softmax(logits[0] / 2.0)[0], atol=1e-6)
