@@ -22,6 +22,7 @@ reply ending in the end-of-turn token ``<|im_end|>``::
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Sequence
 
@@ -85,6 +86,11 @@ def render(tokenizer, messages: Sequence[dict[str, Any]], *, tools=None,
                                          add_generation_prompt=add_generation_prompt)
 
 
+@functools.lru_cache(maxsize=1)
+def _shipped():
+    return load_tokenizer()
+
+
 _PROBE = [{"role": "user", "content": "probe question"},
           {"role": "assistant", "content": "probe reply"}]
 
@@ -95,10 +101,11 @@ def render_delta(new_messages: Sequence[dict[str, Any]], tokenizer=None, *,
 
     Renders a fixed probe conversation with and without ``new_messages`` and returns the
     difference, so it needs only the new messages and works for any append-only template.
-    ``end_of_turn`` defaults to the tokenizer's EOS token (``<|im_end|>`` here and in Qwen).
+    ``tokenizer`` defaults to the shipped one; ``end_of_turn`` to the tokenizer's EOS token
+    (``<|im_end|>`` here and in Qwen).
     Raises ``ValueError`` when the template rewrites earlier turns (not append-only).
     """
-    tokenizer = load_tokenizer() if tokenizer is None else tokenizer
+    tokenizer = _shipped() if tokenizer is None else tokenizer
     end_of_turn = tokenizer.eos_token if end_of_turn is None else end_of_turn
     head = render(tokenizer, _PROBE[:1], add_generation_prompt=True)
     head += _PROBE[1]["content"] + end_of_turn
@@ -115,7 +122,7 @@ def render_delta_ids(new_messages: Sequence[dict[str, Any]], tokenizer=None, *,
                      add_generation_prompt: bool = True,
                      end_of_turn: str | None = None) -> list[int]:
     """Token ids of :func:`render_delta` (no BOS/EOS added)."""
-    tokenizer = load_tokenizer() if tokenizer is None else tokenizer
+    tokenizer = _shipped() if tokenizer is None else tokenizer
     text = render_delta(new_messages, tokenizer, add_generation_prompt=add_generation_prompt,
                         end_of_turn=end_of_turn)
     return tokenizer.encode(text, add_special_tokens=False)

@@ -137,3 +137,9 @@ def test_demo_names_are_single_tokens_in_prose_and_in_json(tok):
     for name in NAMES[:LEVELS[1].name_pool]:
         assert len(tok.encode(" " + name, add_special_tokens=False)) == 1, name
         assert len(tok.encode('"' + name + '"', add_special_tokens=False)) == 3, name
+
+
+def test_render_delta_defaults_to_the_shipped_tokenizer(tok):
+    observation = [{"role": "tool", "content": "The teacher of Kalo is Mira."}]
+    assert render_delta(observation) == render_delta(observation, tok)
+    assert render_delta_ids(observation) == render_delta_ids(observation, tok)

@@ -45,7 +45,10 @@ class StepResult:
     truncated: stopped for an external reason (step limit, too many invalid calls);
       the trainer bootstraps with the critic's value.
     anchor: hashable description of the state after the step (GiGPO step groups).
-    info: diagnostics, e.g. ``success``, ``invalid_call``, ``f1``.
+    info: diagnostics. Tool environments always set ``invalid_call`` (bool); the step that ends
+      the episode (done or truncated) sets ``success`` (bool) and ``steps``; a truncation sets
+      ``truncated_reason`` (``"max_steps"`` or ``"invalid_calls"``); QA environments add
+      ``em``/``f1`` when an answer is graded.
     """
 
     messages: list[dict[str, str]]
