@@ -1,0 +1,409 @@
+"""Typed, validated run configuration: YAML in ``configs/``, ``a.b=c`` overrides on top.
+
+One frozen dataclass per section. Loading walks the dataclass fields and their type hints, so
+a new field needs no new parsing code; a bad key or value raises ``ConfigError`` naming the full
+field path and what is allowed::
+
+    cfg = load_config("configs/default.yaml", ["algo.estimator=grpo", "rollout.group_size=8"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key, value, override or file is invalid."""
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-6`` as a float: PyYAML follows YAML 1.1, where a float
+    needs a dot (``1.0e-6``), and learning rates are written without one."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def _yaml_load(text: Any) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    source: Literal["tiny", "hf"] = "tiny"
+    """``tiny``: the small decoder built from the sizes below; ``hf``: load ``hf_path``."""
+    hf_path: str | None = None
+    """Local Hugging Face checkpoint directory (required when ``source`` is ``hf``)."""
+    tokenizer: str | None = None
+    """Tokenizer directory; None = the shipped tiny tokenizer (or ``hf_path``'s for ``hf``)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Parameter and activation dtype."""
+    d_model: int = 128
+    """Tiny model: residual width."""
+    n_layers: int = 2
+    """Tiny model: decoder layers."""
+    n_heads: int = 4
+    """Tiny model: query heads (must divide ``d_model``)."""
+    n_kv_heads: int = 2
+    """Tiny model: key/value heads (must divide ``n_heads``)."""
+    d_ff: int = 384
+    """Tiny model: MLP hidden width."""
+    critic: Literal["separate", "shared"] = "separate"
+    """``separate``: a second decoder with a value head; ``shared``: a value head on the policy trunk."""
+    warm_start: str | None = None
+    """Path of an SFT checkpoint to start the policy from (None = no warm start)."""
+
+
+@dataclass(frozen=True)
+class EnvSection:
+    name: str = "multihop_qa"
+    """Registered environment name (``steppo_jax.envs.registered()``)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Keyword options passed to ``steppo_jax.envs.make``."""
+    max_steps: int = 4
+    """Steps per episode before truncation (S of the step tensors)."""
+    eval_tasks: int = 64
+    """Held-out tasks per evaluation."""
+    eval_seed: int = 10_000
+    """First held-out task id; training tasks use ids below it."""
+    step_timeout_s: float = 10.0
+    """Seconds one environment step may take before it counts as a failure."""
+    max_invalid_calls: int = 3
+    """Consecutive malformed replies that truncate an episode (0 = never)."""
+
+
+@dataclass(frozen=True)
+class RolloutSection:
+    group_size: int = 4
+    """Rollouts per task (the group of GRPO/RLOO/GiGPO)."""
+    tasks_per_iter: int = 8
+    """Tasks per iteration; the batch holds ``tasks_per_iter * group_size`` trajectories."""
+    max_new_tokens: int = 48
+    """Tokens one step's response may have."""
+    max_context: int = 512
+    """Tokens of a whole row (prompt, responses and observations)."""
+    temperature: float = 1.0
+    """Sampling temperature (> 0; evaluation is greedy)."""
+    top_p: float = 1.0
+    """Nucleus filter in (0, 1]; 1 disables it."""
+    top_k: int = 0
+    """Top-k filter; 0 disables it."""
+    layout: Literal["packed", "step_rows"] = "packed"
+    """``packed``: one row per trajectory; ``step_rows``: one row per (trajectory, step)."""
+
+
+@dataclass(frozen=True)
+class AlgoSection:
+    estimator: Literal["step_gae", "token_gae", "grpo", "rloo", "reinforce_pp", "gigpo"] = "step_gae"
+    """Advantage estimator (``steppo_jax.ESTIMATORS``); StepPO is ``step_gae``."""
+    gamma: float = 1.0
+    """Discount per step (per token for ``token_gae``), in [0, 1]."""
+    lam: float = 0.95
+    """GAE lambda, in [0, 1]."""
+    whiten: bool = True
+    """Whiten GAE advantages over the batch."""
+    scale_by_std: bool = True
+    """Divide group-relative scores by the group std (False = Dr.GRPO)."""
+    step_weight: float = 1.0
+    """GiGPO: weight of the step-level (anchor group) advantage."""
+    policy_loss: Literal["step", "token"] = "step"
+    """``step``: StepPO step-ratio surrogate; ``token``: token-level PPO."""
+    ratio: Literal["geometric", "product"] = "geometric"
+    """Step ratio: geometric mean of token ratios (GSPO-style) or their exact product."""
+    aggregation: Literal["token_mean", "step_mean_token_mean", "step_mean_token_sum"] = "step_mean_token_mean"
+    """How token losses are averaged into the policy loss."""
+    clip_low: float = 0.2
+    """Lower clip range: ratios below ``1 - clip_low`` are clipped."""
+    clip_high: float = 0.28
+    """Upper clip range: ratios above ``1 + clip_high`` are clipped."""
+    dual_clip: float | None = None
+    """Dual-clip bound c > 1 for negative advantages (token loss); None disables it."""
+    value_clip: float | None = 0.2
+    """Value clipping around the old values; None disables it."""
+    value_coef: float = 0.5
+    """Weight of the value loss."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus."""
+    kl_coef: float = 0.0
+    """Weight of the KL to the frozen reference (0 = no reference pass)."""
+    kl_kind: Literal["k1", "k2", "k3"] = "k3"
+    """KL estimator (k3 is the low-variance one)."""
+    kl_in_reward: bool = False
+    """Fold the KL penalty into the step rewards instead of the loss."""
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    lr: float = 3e-4
+    """Policy learning rate (peak, after warmup)."""
+    critic_lr: float = 1e-3
+    """Critic learning rate."""
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """Learning-rate decay after warmup, over all update steps."""
+    warmup_steps: int = 0
+    """Linear warmup in optimizer steps."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    epochs: int = 2
+    """PPO epochs over each batch."""
+    minibatches: int = 2
+    """Minibatches per epoch (one optimizer step each)."""
+    b1: float = 0.9
+    """Adam beta1."""
+    b2: float = 0.999
+    """Adam beta2."""
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    iterations: int = 30
+    """RL iterations (rollout + update)."""
+    checkpoint_every: int = 10
+    """Save a checkpoint every N iterations (and at the end)."""
+    eval_every: int = 10
+    """Greedy evaluation on held-out tasks every N iterations (and before and after training)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk; older ones are deleted."""
+
+
+@dataclass(frozen=True)
+class SFTSection:
+    steps: int = 300
+    """Behaviour-cloning optimizer steps."""
+    lr: float = 1e-3
+    """SFT learning rate."""
+    batch_size: int = 16
+    """Demonstrations per SFT step."""
+    num_demos: int = 512
+    """Expert demonstrations generated from the environment."""
+    noise: float = 0.3
+    """Probability that a demonstration step is replaced by a noisy or wrong action, so RL has
+    room to improve."""
+    seed_offset: int = 1_000_000
+    """Demonstration task ids start here, away from training and evaluation ids."""
+
+
+@dataclass(frozen=True)
+class MeshSection:
+    data: int = -1
+    """Data-parallel axis size; -1 = all devices left after ``fsdp`` and ``tensor``."""
+    fsdp: int = 1
+    """Parameter-sharding (FSDP) axis size."""
+    tensor: int = 1
+    """Tensor-parallel axis size."""
+    axis_types: Literal["explicit", "auto"] = "explicit"
+    """Mesh axis types (``jax.sharding.AxisType``)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    """Seed of every random stream of the run."""
+    run_dir: str = "runs/default"
+    """Directory for config.yaml, metrics, plots, checkpoints and summary.json."""
+    model: ModelSection = field(default_factory=ModelSection)
+    env: EnvSection = field(default_factory=EnvSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    algo: AlgoSection = field(default_factory=AlgoSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    sft: SFTSection = field(default_factory=SFTSection)
+    mesh: MeshSection = field(default_factory=MeshSection)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(c) for c in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping ({tp.__name__})"
+    origin = typing.get_origin(tp) or tp
+    return "a mapping" if origin is dict else origin.__name__
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    """``value`` checked against the type hint ``tp`` (ints are accepted as floats)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if origin is Literal:
+        if any(type(value) is type(c) and value == c for c in typing.get_args(tp)):
+            return value
+        raise ConfigError(f"{path}: {value!r} is not allowed; choose {_type_name(tp)}")
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is not type(None):
+                try:
+                    return _coerce(option, value, path)
+                except ConfigError:
+                    pass
+    elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif (origin or tp) is dict and isinstance(value, Mapping):
+        return dict(value)
+    elif tp in (int, str, bool) and type(value) is tp:
+        return value
+    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    """An instance of dataclass ``cls`` from a mapping, defaults for the keys it lacks."""
+    where = path or "config"
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of {cls.__name__} fields, "
+                          f"got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown key {full!r}; valid keys of {where}: {', '.join(names)}{hint}")
+        kwargs[key] = _coerce(hints[key], value, full)
+    return cls(**kwargs)
+
+
+def _get(cfg: Config, path: str) -> Any:
+    for part in path.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+_AT_LEAST_ONE = (
+    "model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.d_ff",
+    "env.max_steps", "env.eval_tasks", "rollout.group_size", "rollout.tasks_per_iter",
+    "rollout.max_new_tokens", "rollout.max_context", "optim.epochs", "optim.minibatches",
+    "train.checkpoint_every", "train.eval_every", "train.keep_checkpoints",
+    "sft.batch_size", "sft.num_demos", "mesh.fsdp", "mesh.tensor",
+)
+_NON_NEGATIVE = (
+    "seed", "env.eval_seed", "env.max_invalid_calls", "rollout.top_k", "algo.step_weight",
+    "algo.value_coef", "algo.entropy_coef", "algo.kl_coef", "optim.warmup_steps",
+    "optim.weight_decay", "train.iterations", "sft.steps", "sft.seed_offset",
+)
+_POSITIVE = (
+    "env.step_timeout_s", "rollout.temperature", "algo.clip_low", "algo.clip_high", "optim.lr",
+    "optim.critic_lr", "optim.grad_clip", "sft.lr",
+)
+_UNIT_INTERVAL = ("algo.gamma", "algo.lam", "sft.noise")
+_GROUP_ESTIMATORS = ("grpo", "rloo", "reinforce_pp", "gigpo")
+
+
+def _rules(cfg: Config):
+    """(field path, broken, what is required) for each rule that spans values or fields."""
+    for p in _AT_LEAST_ONE:
+        yield p, _get(cfg, p) < 1, "must be >= 1"
+    for p in _NON_NEGATIVE:
+        yield p, _get(cfg, p) < 0, "must be >= 0"
+    for p in _POSITIVE:
+        yield p, _get(cfg, p) <= 0, "must be > 0"
+    for p in _UNIT_INTERVAL:
+        yield p, not 0 <= _get(cfg, p) <= 1, "must be in [0, 1]"
+    m, r, a, o = cfg.model, cfg.rollout, cfg.algo, cfg.optim
+    yield "rollout.top_p", not 0 < r.top_p <= 1, "must be in (0, 1]"
+    yield "optim.b1", not 0 <= o.b1 < 1, "must be in [0, 1)"
+    yield "optim.b2", not 0 <= o.b2 < 1, "must be in [0, 1)"
+    yield "algo.dual_clip", a.dual_clip is not None and a.dual_clip <= 1, "must be > 1 or null"
+    yield "algo.value_clip", a.value_clip is not None and a.value_clip <= 0, "must be > 0 or null"
+    yield "mesh.data", cfg.mesh.data == 0 or cfg.mesh.data < -1, "must be >= 1, or -1 for all remaining devices"
+    yield "model.hf_path", m.source == "hf" and not m.hf_path, "is required when model.source is 'hf'"
+    yield "model.n_heads", m.source == "tiny" and m.d_model % m.n_heads != 0, "must divide model.d_model"
+    yield "model.n_kv_heads", m.source == "tiny" and m.n_heads % m.n_kv_heads != 0, "must divide model.n_heads"
+    yield ("rollout.max_new_tokens", r.max_new_tokens >= r.max_context,
+           "must be smaller than rollout.max_context")
+    yield ("rollout.layout", a.estimator == "token_gae" and r.layout != "packed",
+           "must be 'packed' for algo.estimator 'token_gae' (its recursion runs across the steps of one row)")
+    yield ("rollout.group_size", a.estimator in _GROUP_ESTIMATORS and r.group_size < 2,
+           f"must be >= 2 for algo.estimator {a.estimator!r} (advantages are relative within a group)")
+    yield ("optim.minibatches", o.minibatches > r.tasks_per_iter * r.group_size,
+           "must be <= rollout.tasks_per_iter * rollout.group_size (trajectories per batch)")
+
+
+def config_from_dict(d: Mapping[str, Any]) -> Config:
+    """A validated ``Config`` from a nested mapping; absent keys take their defaults."""
+    cfg = _build(Config, d, "")
+    for path, broken, required in _rules(cfg):
+        if broken:
+            raise ConfigError(f"{path} = {_get(cfg, path)!r} {required}")
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The nested plain-dict form of ``cfg`` (YAML/JSON serialisable)."""
+    return dataclasses.asdict(cfg)
+
+
+def _apply_override(d: dict[str, Any], override: str) -> None:
+    key, sep, raw = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} must look like 'section.field=value', "
+                          "e.g. 'algo.estimator=grpo'")
+    try:
+        value = _yaml_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {override!r}: value is not valid YAML: {err}") from None
+    *parents, leaf = key.split(".")
+    node = d
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {'.'.join(parents[:i + 1])} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
+    """The YAML file at ``path`` (or the defaults), then ``a.b=c`` overrides, validated.
+
+    Override values are parsed as YAML: ``rollout.group_size=8``, ``algo.dual_clip=null``,
+    ``env.options={difficulty: 2}``.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path!r}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = _yaml_load(f) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: malformed YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    if isinstance(overrides, str):
+        raise ConfigError("overrides must be a sequence of 'a.b=c' strings, not one string")
+    for override in overrides:
+        _apply_override(data, override)
+    try:
+        return config_from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}" if path else str(err)) from None
+
+
+def save_config(cfg: Config, path: str) -> None:
+    """Writes ``cfg`` as YAML (loadable by ``load_config``)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
