@@ -19,7 +19,7 @@ def env():
     ('<tool_call>{"name": "search", "arguments": {"query": </tool_call>', "invalid JSON"),
     ('<tool_call>{"name": "browse", "arguments": {}}</tool_call>',
      "unknown tool 'browse'; available tools: search, answer"),
-    ('<tool_call>{"name": "search", "arguments": {"query": 42}}</tool_call>', "must be a(n) string"),
+    ('<tool_call>{"name": "search", "arguments": {"query": 42}}</tool_call>', "must be a string"),
     ('<tool_call>{"name": "search", "arguments": {}}</tool_call>', "missing argument(s): query"),
     ("", "empty reply"),
     ("I think the answer is Mira.", "no tool call"),

@@ -14,6 +14,7 @@ import json
 import math
 import operator
 import random
+import re
 
 from steppo_jax.envs.base import Reset
 from steppo_jax.envs.tools import ToolCall, ToolEnv, ToolOutcome, format_tool_call, tool_schema
@@ -24,6 +25,7 @@ _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
 _UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 _MAX_EXPRESSION_CHARS = 200
 _MAX_MAGNITUDE = 1e15
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def safe_eval(expression: str) -> int | float:
@@ -118,7 +120,8 @@ def generate_problem(num_ops: int, max_start: int, rng: random.Random):
 class CalculatorEnv(ToolEnv):
     """Arithmetic word problems with ``calculate`` and ``answer`` tools.
 
-    Options: difficulty (1–3), max_steps (default: operations + 3), plus the ``ToolEnv`` options.
+    Options: difficulty (1–3), max_steps (default: operations + 3), plus the ``ToolEnv`` options;
+    a final answer without a tool call (``allow_final_answer``) is the reply's last number.
     """
 
     name = "calculator"
@@ -171,12 +174,11 @@ class CalculatorEnv(ToolEnv):
         return ToolOutcome(format_number(value))
 
     def _final_answer(self, text: str) -> ToolOutcome:
-        try:
-            value = float(text.splitlines()[-1].strip().rstrip("."))
-        except ValueError:
+        numbers = _NUMBER.findall(text)
+        if not numbers:
             return ToolOutcome(f"Wrong. The answer was {self.gold}.", done=True,
-                               info={"prediction": text})
-        return self._grade(value)
+                               info={"prediction": None})
+        return self._grade(float(numbers[-1]))
 
     def _grade(self, value: float) -> ToolOutcome:
         correct = abs(value - self.gold) < 1e-6

@@ -103,7 +103,8 @@ class HotpotQAEnv(ToolEnv):
     """HotpotQA with ``search`` over the question's context and an ``answer`` tool.
 
     Options: path (JSON/JSONL/parquet file, required), top_k (paragraphs per search),
-    max_steps, plus the ``ToolEnv`` options. ``num_tasks`` is the number of records.
+    max_steps, plus the ``ToolEnv`` options; a final answer without a tool call
+    (``allow_final_answer``) is the reply's last line. ``num_tasks`` is the number of records.
     """
 
     name = "hotpotqa"

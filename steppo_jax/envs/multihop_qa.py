@@ -141,7 +141,8 @@ class MultihopQAEnv(ToolEnv):
     """Generated multi-hop QA with BM25 ``search`` and an ``answer`` tool.
 
     Options: difficulty (1–4), top_k (passages per search; default from the level), max_steps
-    (default: the level's max hops + 3), plus the ``ToolEnv`` options.
+    (default: the level's max hops + 3), plus the ``ToolEnv`` options; a final answer without a tool call
+    (``allow_final_answer``) is the reply's last line.
     """
 
     name = "multihop_qa"

@@ -25,6 +25,13 @@ _REGISTRY: dict[str, str | Factory] = {
 }
 
 
+class UnknownEnvironmentError(KeyError):
+    """``make`` or lookup of a name that is not registered."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 def register(name: str, factory: str | Factory, *, overwrite: bool = False) -> None:
     """Register ``factory`` (a callable or a ``"module:Class"`` string) under ``name``."""
     if not name or not isinstance(name, str):
@@ -46,7 +53,8 @@ def registered() -> list[str]:
 
 def _resolve(name: str) -> Factory:
     if name not in _REGISTRY:
-        raise KeyError(f"unknown environment {name!r}; known: {', '.join(registered())}")
+        raise UnknownEnvironmentError(f"unknown environment {name!r}; "
+                                      f"known: {', '.join(registered())}")
     factory = _REGISTRY[name]
     if not isinstance(factory, str):
         return factory

@@ -21,7 +21,8 @@ Public API (stable; adapters import it):
     - ``"error"``: ``.error`` is a message meant to be shown to the agent as an observation.
 
     Tolerated: whitespace anywhere, a Markdown code fence around the JSON, a missing
-    ``</tool_call>`` (generation stopped at it), up to two stray characters after the JSON object
+    ``</tool_call>`` (generation stopped at it), text after ``</tool_call>`` (ignored), up to
+    two stray characters after the JSON object
     (``}``, ``,`` ...), ``arguments`` given as a JSON-encoded string, a missing ``arguments``
     key, and integral floats (``3.0``) for ``integer`` parameters. Rejected with an error: an
     empty reply, no tool call (unless a final answer is allowed), more than one tool call, JSON
@@ -206,8 +207,11 @@ def _check_value(value: Any, schema: dict[str, Any]) -> tuple[bool, Any]:
 def _describe(schema: dict[str, Any]) -> str:
     if "enum" in schema:
         return "one of " + ", ".join(json.dumps(v) for v in schema["enum"])
-    kinds = schema.get("type", "any value")
-    return " or ".join(kinds) if isinstance(kinds, list) else f"a(n) {kinds}"
+    kinds = schema.get("type")
+    if kinds is None:
+        return "a valid value"
+    kinds = [kinds] if isinstance(kinds, str) else kinds
+    return " or ".join(f"{'an' if k[0] in 'aeiou' else 'a'} {k}" for k in kinds)
 
 
 @dataclasses.dataclass(frozen=True)
