@@ -118,3 +118,22 @@ def test_missing_file_and_missing_parquet_reader(tmp_path):
     path.write_bytes(b"PAR1")
     with pytest.raises(ImportError, match="needs pyarrow"):
         make("hotpotqa", path=str(path))
+
+
+def test_parquet_in_hugging_face_layout(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    rows = []
+    for r in synthetic_records(4):
+        titles, sentences = zip(*r["context"])
+        facts_titles, facts_ids = zip(*r["supporting_facts"])
+        rows.append({"id": r["_id"], "question": r["question"], "answer": r["answer"],
+                     "context": {"title": list(titles), "sentences": list(sentences)},
+                     "supporting_facts": {"title": list(facts_titles),
+                                          "sent_id": list(facts_ids)}})
+    path = tmp_path / "validation.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), str(path))
+    original = tmp_path / "orig.json"
+    original.write_text(json.dumps(synthetic_records(4)))
+    assert load_examples(str(path)) == load_examples(str(original))
+    assert success_rate(make("hotpotqa", path=str(path)), num_tasks=4) == 1.0
