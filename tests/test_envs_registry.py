@@ -66,3 +66,23 @@ def test_register_callable_and_duplicates(clean_registry):
         register("bad", "no_colon")
     with pytest.raises(TypeError, match="callable"):
         register("bad", 3)
+
+
+def test_environment_modules_never_import_jax():
+    """DESIGN §1: environments are plain Python (checked on the sources: the package root may
+    import JAX for the kernels)."""
+    import ast
+    import pathlib
+
+    import steppo_jax.envs
+
+    root = pathlib.Path(steppo_jax.envs.__file__).parent
+    sources = sorted(root.rglob("*.py"))
+    assert len(sources) >= 10
+    for path in sources:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert name.split(".")[0] not in {"jax", "jaxlib", "flax", "optax"}, (
+                    f"{path.name} imports {name}")
