@@ -59,6 +59,8 @@ class Estimator(NamedTuple):
 
 def traj_to_tokens(batch: StepBatch, x_n: jax.Array) -> jax.Array:
     """Broadcasts one value per trajectory [N] to its action tokens [B, T]."""
+    if batch.packed:  # reads the 1-byte mask, not the step ids
+        return jnp.where(batch.action_mask, x_n[:, None], 0.0)
     x_ns = jnp.broadcast_to(x_n[:, None], batch.step_mask.shape)
     return credit.to_tokens(batch.from_grid(x_ns), batch.step_ids)
 
@@ -118,6 +120,8 @@ def _rloo(batch: StepBatch, values_bt, cfg: EstimatorConfig) -> Credit:
 
 def _reinforce_pp(batch: StepBatch, values_bt, cfg: EstimatorConfig) -> Credit:
     scores, groups = _scores(batch)
+    if batch.packed:
+        return Credit(credit.reinforce_pp_advantages(scores, groups, batch.action_mask, num_groups=batch.num_traj))
     centred = credit.group_baseline(scores, groups, num_groups=batch.num_traj)
     in_group = traj_to_tokens(batch, (groups >= 0).astype(jnp.float32)) > 0
     return Credit(credit.whiten(traj_to_tokens(batch, centred), in_group))

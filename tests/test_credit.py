@@ -202,3 +202,14 @@ def test_all_masked_rows_and_singletons_are_finite(variant):
         assert np.all(np.isfinite(out)), out
     np.testing.assert_array_equal(outs[0], 0)
     np.testing.assert_array_equal(outs[-1], 0)
+
+
+def test_token_gae_long_rows_match_reference():
+    rng = np.random.default_rng(7)
+    mask = rng.random((4, 300)) < 0.7
+    r = np.where(mask, rng.normal(size=mask.shape), 0).astype(np.float32)
+    v = rng.normal(size=mask.shape).astype(np.float32)
+    adv, ret = jax.jit(functools.partial(credit.token_gae, gamma=0.99, lam=0.95))(r, v, mask)
+    adv_ref, ret_ref = ref.token_gae(r, v, mask, 0.99, 0.95)
+    np.testing.assert_allclose(adv, adv_ref, atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose(ret, ret_ref, atol=1e-4, rtol=1e-5)
