@@ -1,0 +1,17 @@
+"""The host-side rollout loop: environments <-> sampler -> step tensors, token-exactly."""
+
+from steppo_jax.rollout.engine import ChatCodec, RolloutEngine, RolloutSettings, RolloutTimings, rollout_stats
+from steppo_jax.rollout.records import TrajectoryRecord, anchor_id, bucket_len, packed_batch, step_rows_batch
+
+__all__ = [
+    "ChatCodec",
+    "RolloutEngine",
+    "RolloutSettings",
+    "RolloutTimings",
+    "TrajectoryRecord",
+    "anchor_id",
+    "bucket_len",
+    "packed_batch",
+    "rollout_stats",
+    "step_rows_batch",
+]

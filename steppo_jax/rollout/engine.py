@@ -1,0 +1,189 @@
+"""The host loop: environments <-> sampler, one policy step at a time, token-exactly.
+
+For a batch of tasks and G rollouts per task (a group), every trajectory starts from its
+environment's opening messages rendered by the chat template. Each round, the sampler
+decodes one reply for every live trajectory (continuing its KV cache), the replies go to
+the environments (concurrently, under a timeout), and each observation is appended as
+the template *delta* of the new messages only — the history is never re-tokenized, so
+the packed tokens are exactly the prompt ids, the sampled ids and the delta ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from steppo_jax.envs.base import Environment
+from steppo_jax.envs.pool import EnvPool
+from steppo_jax.rollout.records import TrajectoryRecord, anchor_id
+from steppo_jax.tokenizer import render_delta
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSettings:
+    """max_steps: policy steps per episode; max_context: tokens a trajectory may hold;
+    history_window: when set, each step's prompt is rebuilt from the opening messages and
+    the last ``history_window`` exchanges (per-step rows layout) instead of growing."""
+
+    max_steps: int
+    max_context: int
+    history_window: int | None = None
+
+
+@dataclasses.dataclass
+class RolloutTimings:
+    sampler_s: float = 0.0
+    env_s: float = 0.0
+    glue_s: float = 0.0
+
+
+class ChatCodec:
+    """Token ids for prompts, observation deltas and replies, from a chat tokenizer."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.end_of_turn = tokenizer.eos_token
+        self.end_ids = tokenizer.encode(self.end_of_turn, add_special_tokens=False)
+        self.stop_ids = [tokenizer.convert_tokens_to_ids(self.end_of_turn)]
+
+    def prompt(self, messages, tools) -> list[int]:
+        text = self.tokenizer.apply_chat_template(list(messages), tools=tools or None, tokenize=False,
+                                                  add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def delta(self, messages, *, reply_closed: bool) -> list[int]:
+        """Ids to append after a reply: its end-of-turn if the sampler did not emit one,
+        then the new messages and the next generation prompt."""
+        ids = [] if reply_closed else list(self.end_ids)
+        return ids + self.tokenizer.encode(render_delta(messages, self.tokenizer), add_special_tokens=False)
+
+    def reply_text(self, ids: Sequence[int]) -> str:
+        text = self.tokenizer.decode(list(ids), skip_special_tokens=False)
+        return text[: -len(self.end_of_turn)] if text.endswith(self.end_of_turn) else text
+
+
+class RolloutEngine:
+    """Runs groups of episodes with a ``Sampler`` whose batch size is the number of trajectories.
+
+    make_env: builds a fresh environment (one per trajectory per call).
+    sampler: ``steppo_jax.sampling.Sampler`` (``step(new_tokens, stop_ids, key, reset)``).
+    """
+
+    def __init__(self, make_env: Callable[[], Environment], tokenizer, sampler, settings: RolloutSettings,
+                 pool: EnvPool):
+        self.make_env, self.codec, self.sampler = make_env, ChatCodec(tokenizer), sampler
+        self.settings, self.pool = settings, pool
+        if sampler.max_new_tokens >= settings.max_context:
+            raise ValueError(f"max_new_tokens={sampler.max_new_tokens} must be below max_context={settings.max_context}")
+
+    def collect(self, tasks: Sequence[tuple[int, int]], group_size: int, key: jax.Array,
+                timings: RolloutTimings | None = None) -> list[TrajectoryRecord]:
+        """Rolls out ``group_size`` episodes of each (task_id, seed); returns B = len(tasks) * G records."""
+        timings = timings or RolloutTimings()
+        B = len(tasks) * group_size
+        if B != self.sampler.batch_size:
+            raise ValueError(f"{len(tasks)} tasks x group {group_size} = {B} trajectories, "
+                             f"but the sampler holds {self.sampler.batch_size} rows")
+        t0 = time.perf_counter()
+        envs = [self.make_env() for _ in range(B)]
+        records = [TrajectoryRecord(task_id=t, seed=s, group=g) for g, (t, s) in enumerate(tasks) for _ in range(group_size)]
+        resets = self.pool.reset(envs, [r.task_id for r in records], [r.seed for r in records])
+        timings.env_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        new: list[list[int] | None] = [None] * B
+        opening: list[list[dict[str, Any]]] = [[] for _ in range(B)]
+        for i, (rec, res) in enumerate(zip(records, resets)):
+            if not res.ok:
+                rec.failed, rec.live = f"reset: {res.error}", False
+                continue
+            rec.messages, rec.tools = list(res.value.messages), list(res.value.tools)
+            opening[i] = list(res.value.messages)
+            rec.anchors.append(anchor_id(res.value.anchor))
+            new[i] = self.codec.prompt(rec.messages, rec.tools)
+            rec.append_context(new[i])
+            if self.settings.history_window is not None:
+                rec.contexts = []
+            if len(new[i]) + self.sampler.max_new_tokens > self.settings.max_context:
+                rec.failed, rec.live = f"prompt of {len(new[i])} tokens leaves no room in max_context", False
+        timings.glue_s += time.perf_counter() - t0
+
+        for k in range(self.settings.max_steps):
+            live = [i for i in range(B) if records[i].live]
+            if not live:
+                break
+            t0 = time.perf_counter()
+            rebuild = self.settings.history_window is not None
+            if rebuild:
+                for i in live:
+                    new[i] = self._window_prompt(records[i], opening[i])
+                    records[i].contexts.append(new[i])
+            out = self.sampler.step([new[i] if records[i].live else None for i in range(B)], self.codec.stop_ids,
+                                    jax.random.fold_in(key, k), reset=(k == 0 or rebuild))
+            timings.sampler_s += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            actions = []
+            for i in live:
+                records[i].append_action(out.tokens[i], out.logprobs[i])
+                actions.append(self.codec.reply_text(out.tokens[i]))
+                records[i].messages.append({"role": "assistant", "content": actions[-1]})
+            timings.glue_s += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            results = self.pool.step([envs[i] for i in live], actions)
+            timings.env_s += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for i, res in zip(live, results):
+                self._advance(records[i], res, bool(out.stopped[i]), k, new, i)
+            timings.glue_s += time.perf_counter() - t0
+        for rec in records:
+            if rec.live:  # ran out of steps without the environment ending the episode
+                rec.truncated, rec.live = True, False
+        return records
+
+    def _advance(self, rec: TrajectoryRecord, res, closed: bool, k: int, new: list, i: int) -> None:
+        """Applies one environment answer to a trajectory."""
+        if not res.ok:
+            rec.failed, rec.live = f"step {k}: {res.error}", False
+            return
+        step = res.value
+        rec.rewards.append(float(step.reward))
+        rec.invalid_calls += bool(step.info.get("invalid_call", False))
+        rec.messages.extend(step.messages)
+        if step.done or step.truncated:
+            rec.terminated, rec.truncated = step.done, step.truncated and not step.done
+            rec.success = bool(step.info.get("success", False))
+            rec.live = False
+        last_step = k + 1 >= self.settings.max_steps
+        if step.done:
+            return
+        delta = self.codec.delta(step.messages, reply_closed=closed) if step.messages else []
+        if len(rec.tokens) + len(delta) + self.sampler.max_new_tokens > self.settings.max_context:
+            rec.truncated, rec.live = True, False  # the next step would not fit
+            return
+        # The observation is kept even after the last step: the bootstrap value of a
+        # truncated trajectory reads the state that includes it.
+        rec.append_context(delta)
+        new[i] = delta
+        if rec.live and not last_step:
+            rec.anchors.append(anchor_id(step.anchor))
+        elif last_step:
+            rec.truncated, rec.live = not rec.terminated, False
+
+    def _window_prompt(self, rec: TrajectoryRecord, opening: list[dict[str, Any]]) -> list[int]:
+        """The opening messages plus the last ``history_window`` exchanges, rendered afresh."""
+        history = rec.messages[len(opening):]
+        cut = max(0, len(history) - 2 * self.settings.history_window)
+        return self.codec.prompt(opening + history[cut:], rec.tools)
+
+
+def rollout_stats(records: Sequence[TrajectoryRecord]) -> dict[str, float]:
+    """Batch means of the per-trajectory stats (failed trajectories counted, not averaged in)."""
+    ok = [r.stats() for r in records if r.failed is None]
+    out = {"trajectories": float(len(records)), "failed": float(len(records) - len(ok))}
+    if ok:
+        for key in ("steps", "tokens", "action_tokens", "return", "success", "invalid_calls", "terminated"):
+            out[key] = float(np.mean([s[key] for s in ok]))
+    return out

@@ -1,0 +1,189 @@
+"""The rollout loop: token exactness, step tensors, failures, the real sampler's log-probs."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from steppo_jax.envs import EnvPool, make
+from steppo_jax.envs.base import Reset, StepResult
+from steppo_jax.models import Decoder, ModelConfig, token_logprobs
+from steppo_jax.rollout import RolloutEngine, RolloutSettings, packed_batch, step_rows_batch
+from steppo_jax.sampling import Sampler, SamplingParams, StepOutput
+from steppo_jax.tokenizer import load_tokenizer, render
+from steppo_jax.types import validate
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+class ScriptedSampler:
+    """Stands in for the Sampler: replies come from a function of (row, step)."""
+
+    def __init__(self, tok, batch_size, reply, max_new_tokens=64, close=True):
+        self.tok, self.batch_size, self.reply, self.max_new_tokens, self.close = tok, batch_size, reply, max_new_tokens, close
+        self.calls, self.step_no = [], 0
+
+    def step(self, new_tokens, stop_ids, key, reset=False):
+        self.calls.append([None if t is None else list(t) for t in new_tokens])
+        tokens, logprobs = [], []
+        for r, t in enumerate(new_tokens):
+            ids = [] if t is None else self.tok.encode(self.reply(r, self.step_no), add_special_tokens=False)
+            if t is not None and self.close:
+                ids = ids + stop_ids[:1]
+            tokens.append(ids)
+            logprobs.append(-np.arange(1, len(ids) + 1, dtype=np.float32) / 10)
+        self.step_no += 1
+        return StepOutput(tokens, logprobs, np.array([self.close and t is not None for t in new_tokens]))
+
+
+def engine_with(tok, sampler, env_name="multihop_qa", max_steps=6, max_context=1024, history_window=None,
+                make_env=None, timeout_s=10.0):
+    created = []
+
+    def factory():
+        env = make_env() if make_env else make(env_name)
+        created.append(env)
+        return env
+
+    engine = RolloutEngine(factory, tok, sampler, RolloutSettings(max_steps, max_context, history_window),
+                           EnvPool(num_workers=4, timeout_s=timeout_s))
+    return engine, created
+
+
+def test_packed_tokens_are_prompt_plus_sampled_plus_deltas(tok):
+    sampler = ScriptedSampler(tok, 4, None)
+    engine, created = engine_with(tok, sampler)
+    sampler.reply = lambda row, step: created[row].expert_action()
+    records = engine.collect([(0, 0), (1, 0)], 2, jax.random.key(0))
+    for i, rec in enumerate(records):
+        assert rec.failed is None and rec.terminated and rec.success
+        # The stream is exactly what went into the sampler plus what came out of it.
+        expected = []
+        for k, call in enumerate(sampler.calls[:rec.num_steps]):
+            expected += call[i]
+            s, e = rec.step_spans[k]
+            expected += rec.tokens[s:e]
+        assert rec.tokens == expected
+        # Decoding it reproduces the conversation as the chat template renders it.
+        text = tok.decode(rec.tokens, skip_special_tokens=False)
+        full = render(tok, rec.messages, tools=rec.tools, add_generation_prompt=False)
+        assert full == text + "\n"
+    batch = validate(packed_batch(records, 6))
+    np.testing.assert_array_equal(batch.step_mask.sum(1), [r.num_steps for r in records])
+    # Behaviour log-probs sit exactly on the action tokens.
+    assert np.all((batch.old_logp != 0) == batch.action_mask)
+    assert list(batch.group_ids) == [0, 0, 1, 1]
+
+
+class CountingEnv:
+    """Observation 'o' * (k + 1) after step k; ends after 2 steps with reward 1."""
+
+    name, max_steps = "counting", 5
+
+    def reset(self, task_id, seed):
+        self.k = 0
+        return Reset([{"role": "user", "content": "go"}], [], "s0")
+
+    def step(self, action_text):
+        self.k += 1
+        done = self.k == 2
+        msgs = [] if done else [{"role": "tool", "content": "o"}]
+        return StepResult(msgs, 1.0 if done else 0.0, done, False, f"s{self.k}", {"success": done})
+
+    def expert_action(self):
+        return "x"
+
+
+def test_step_tensors_match_a_hand_built_example(tok):
+    sampler = ScriptedSampler(tok, 1, lambda r, k: "ab")
+    engine, _ = engine_with(tok, sampler, make_env=CountingEnv)
+    rec = engine.collect([(0, 0)], 1, jax.random.key(0))[0]
+    prompt = tok.encode(render(tok, [{"role": "user", "content": "go"}], add_generation_prompt=True),
+                        add_special_tokens=False)
+    reply = tok.encode("ab", add_special_tokens=False) + [tok.convert_tokens_to_ids("<|im_end|>")]
+    delta = tok.encode("\n<|im_start|>user\n<tool_response>\no\n</tool_response><|im_end|>\n<|im_start|>assistant\n",
+                       add_special_tokens=False)
+    assert rec.tokens == prompt + reply + delta + reply
+    p, a, d = len(prompt), len(reply), len(delta)
+    batch = validate(packed_batch([rec], 3, seq_len=64))
+    ids = np.full(64, -1)
+    ids[p:p + a] = 0
+    ids[p + a + d:p + 2 * a + d] = 1
+    np.testing.assert_array_equal(batch.step_ids[0], ids)
+    np.testing.assert_array_equal(batch.value_pos[0], [p - 1, p + a + d - 1, 0])
+    np.testing.assert_array_equal(batch.step_mask[0], [True, True, False])
+    np.testing.assert_array_equal(batch.step_rewards[0], [0.0, 1.0, 0.0])
+    assert bool(batch.terminated[0]) and int(batch.seq_lens[0]) == p + 2 * a + d
+    rows = validate(step_rows_batch([rec], 3))
+    np.testing.assert_array_equal(rows.seq_lens[:2], [p + a, p + 2 * a + d])
+
+
+def test_unclosed_reply_gets_its_end_of_turn_before_the_observation(tok):
+    sampler = ScriptedSampler(tok, 1, lambda r, k: "ab", close=False)
+    engine, _ = engine_with(tok, sampler, make_env=CountingEnv)
+    rec = engine.collect([(0, 0)], 1, jax.random.key(0))[0]
+    s, e = rec.step_spans[0]
+    assert rec.tokens[e] == tok.convert_tokens_to_ids("<|im_end|>")  # a context token, not an action
+    assert rec.tokens[s:e] == tok.encode("ab", add_special_tokens=False)
+
+
+class BrokenEnv(CountingEnv):
+    def __init__(self, mode):
+        self.mode = mode
+
+    def step(self, action_text):
+        if self.mode == "raise":
+            raise RuntimeError("environment exploded")
+        if self.mode == "hang":
+            time.sleep(3)
+        return super().step(action_text)
+
+
+def test_failing_and_hanging_environments_fail_only_their_trajectory(tok):
+    modes = iter(["ok", "raise", "hang", "ok"])
+    sampler = ScriptedSampler(tok, 4, lambda r, k: "ab")
+    engine, _ = engine_with(tok, sampler, make_env=lambda: BrokenEnv(next(modes)), timeout_s=0.5)
+    records = engine.collect([(0, 0), (1, 0)], 2, jax.random.key(0))
+    assert [r.failed is None for r in records] == [True, False, False, True]
+    assert "exploded" in records[1].failed and "TimeoutError" in records[2].failed
+    batch = validate(packed_batch(records, 3))
+    assert not batch.step_mask[1].any() and not batch.step_mask[2].any()  # excluded from the update
+    assert records[0].success and records[3].success
+
+
+def test_context_limit_truncates(tok):
+    sampler = ScriptedSampler(tok, 1, lambda r, k: "ab " * 10)
+    engine, _ = engine_with(tok, sampler, make_env=CountingEnv, max_context=80)
+    rec = engine.collect([(0, 0)], 1, jax.random.key(0))[0]
+    assert rec.truncated and not rec.terminated and len(rec.tokens) <= 80
+
+
+def test_history_window_rebuilds_prompts_as_step_rows(tok):
+    sampler = ScriptedSampler(tok, 2, lambda r, k: "ab")
+    engine, _ = engine_with(tok, sampler, make_env=CountingEnv, history_window=0)
+    records = engine.collect([(0, 0)], 2, jax.random.key(0))
+    rows = validate(step_rows_batch(records, 3))
+    # With a window of 0 exchanges every step sees only the opening messages.
+    assert records[0].contexts[0] == records[0].contexts[1]
+    with pytest.raises(ValueError, match="step_rows_batch"):
+        packed_batch(records, 3)
+    assert rows.traj_index[:4, 0].tolist() == [0, 0, 1, 1]
+
+
+def test_real_sampler_logprobs_match_the_trainer_forward(tok):
+    """Rollout with a tiny random model: behaviour log-probs == recomputed log-probs."""
+    model = Decoder(ModelConfig.tiny(vocab_size=len(tok), n_layers=2, d_model=64, mlp_dim=128), rngs=nnx.Rngs(0))
+    sampler = Sampler(model, batch_size=4, capacity=512, max_new_tokens=12, sampling=SamplingParams(temperature=1.0))
+    engine, _ = engine_with(tok, sampler, max_steps=3, max_context=512)
+    records = engine.collect([(0, 0), (1, 0)], 2, jax.random.key(1))
+    assert sum(r.num_steps for r in records) >= 4
+    batch = validate(packed_batch(records, 3))
+    logp = token_logprobs(model(jnp.asarray(batch.tokens)), jnp.asarray(batch.tokens))
+    np.testing.assert_allclose(np.where(batch.action_mask, logp, 0), batch.old_logp, atol=1e-4)
+    validate(step_rows_batch(records, 3))
