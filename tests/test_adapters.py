@@ -1,5 +1,6 @@
 """Adapters to third-party environments: full scripted episodes, bad input, determinism."""
 
+import concurrent.futures
 import os
 import random
 import subprocess
@@ -193,6 +194,14 @@ def test_textarena_reset_leaves_global_random_alone_and_checks_the_game():
     mastermind.reset(0, 0)
     with pytest.raises(NotImplementedError, match="no scripted expert for 'Mastermind-v0'"):
         mastermind.expert_action()
+
+
+def test_textarena_concurrent_resets_match_serial_ones():
+    envs = [build("textarena") for _ in range(16)]
+    serial = [env.reset(task_id, 0).anchor for task_id, env in enumerate(envs)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        parallel = list(pool.map(lambda i: envs[i].reset(i, 0).anchor, range(16)))
+    assert parallel == serial and len(set(serial)) > 5
 
 
 # --- TextWorld -------------------------------------------------------------------------------

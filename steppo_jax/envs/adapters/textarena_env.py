@@ -5,16 +5,20 @@ game's own move format (``[7]`` in GuessTheNumber, ``[A C]`` in TowerOfHanoi). T
 prompt opens the episode; its messages after each move (hints, boards, invalid-move warnings)
 are the observation. The game decides when it ends: its final reward (1 for a win, partial
 credit for some losses) is the step reward, and a reward of 1 without an invalid move is a
-success. A move the game rejects is the game's business: it warns once, then ends the game.
+success. A move the game rejects is the game's business: it warns, and a second rejected move
+in a row ends the game as a failure.
 
 Games that work offline and have a scripted expert: ``GuessTheNumber-v0`` (binary search over
 the hints) and ``TowerOfHanoi-v0`` (the optimal recursive solution from the current towers),
 with their harder variants. Other single-player games run without an expert, except the ones
-that download NLTK word lists (Wordle, Hangman, WordLadder, ...) or call a hosted LLM
-(TwentyQuestions, GuessWho), which fail offline.
+that download NLTK word lists (Wordle, Hangman, WordLadder, WordSearch) or call a hosted LLM
+(TwentyQuestions, GuessWho), which fail offline, and Klondike (a syntax error in TextArena
+0.7.4).
 
 TextArena seeds Python's global ``random`` in ``reset``; the reset runs under a lock and the
-global state is restored afterwards, so concurrent environments stay deterministic.
+global state is restored afterwards, so concurrent resets stay deterministic and the rest of the
+process is not reseeded. Games that also draw random numbers during play (2048) draw them from
+the global generator, so only their start is fixed by ``(task_id, seed)``.
 """
 
 from __future__ import annotations

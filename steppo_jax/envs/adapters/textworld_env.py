@@ -47,9 +47,9 @@ def _import_textworld():
 
 
 def _clean(text: str) -> str:
-    """The game's text without the prompt line (``>`` and status), the end-of-game menu or
-    runs of blank lines."""
-    for marker in ("*** The End ***", "\n>"):
+    """The game's text without the prompt line (``>`` and status), the end-of-game banner
+    (``*** The End ***`` or ``*** You lost! ***``) and menu, or runs of blank lines."""
+    for marker in ("***", "\n>"):
         text = text.split(marker, 1)[0]
     return re.sub(r"\n\s*\n", "\n\n", text.strip())
 
@@ -161,7 +161,7 @@ class TextWorldEnv(ToolEnv):
         """The next command of TextWorld's walkthrough from the current state."""
         plan = self._state.policy_commands
         if not plan:
-            return ("No walkthrough is left from here, so I list the commands.\n"
-                    + format_tool_call("admissible_commands", {}))
+            raise RuntimeError("textworld: no walkthrough from the current state "
+                               "(the game can no longer be won)")
         return (f"The walkthrough's next command is {plan[0]}.\n"
                 + format_tool_call("execute", {"command": plan[0]}))
