@@ -3,6 +3,8 @@
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -182,3 +184,36 @@ def test_corrupted_checkpoint(manager, relative, damage):
     with CheckpointManager(manager.directory) as reopened:
         with pytest.raises(CheckpointError, match="checkpoint step 1 .* unreadable"):
             reopened.restore(target=abstract_like(state))
+
+
+_RESHARD = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from steppo_jax.train.checkpoint import CheckpointManager
+
+explicit = (AxisType.Explicit,) * 2
+save_mesh = jax.make_mesh((8, 1), ("data", "fsdp"), axis_types=explicit)
+load_mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=explicit)
+w = jax.device_put(jnp.arange(64.0).reshape(8, 8), NamedSharding(save_mesh, P("data", None)))
+state = {"w": w, "rng": jax.random.key(3)}
+with CheckpointManager(sys.argv[1]) as ckpt:
+    ckpt.save(1, state, {"iteration": 1})
+    target = {"w": jax.ShapeDtypeStruct((8, 8), jnp.float32, sharding=NamedSharding(load_mesh, P("data", "fsdp"))),
+              "rng": jax.ShapeDtypeStruct((), state["rng"].dtype, sharding=NamedSharding(load_mesh, P()))}
+    restored, _ = ckpt.restore(target=target)
+assert restored["w"].sharding == target["w"].sharding, restored["w"].sharding
+assert restored["rng"].sharding == target["rng"].sharding
+np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(64.0).reshape(8, 8))
+np.testing.assert_array_equal(jax.random.key_data(restored["rng"]), jax.random.key_data(state["rng"]))
+print("resharded restore ok")
+"""
+
+
+def test_restore_reshards_across_meshes_on_8_host_devices(tmp_path):
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(root))
+    proc = subprocess.run([sys.executable, "-c", _RESHARD, str(tmp_path / "ckpt")], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "resharded restore ok" in proc.stdout

@@ -117,6 +117,7 @@ def test_int_is_accepted_where_float_is_expected():
     (["algo.estimator=grpo", "rollout.group_size=1"], "rollout.group_size"),
     (["rollout.group_size=0"], "rollout.group_size = 0 must be >= 1"),
     (["model.n_layers=-1"], "model.n_layers"),
+    (["model.n_heads=0"], "model.n_heads = 0 must be >= 1"),
     (["algo.clip_low=0"], "algo.clip_low = 0.0 must be > 0"),
     (["algo.gamma=1.5"], "algo.gamma = 1.5 must be in [0, 1]"),
     (["algo.lam=-0.1"], "algo.lam"),
@@ -163,7 +164,10 @@ def test_file_errors(tmp_path):
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text("algo:\n  gama: 0.9\n")
     msg = _error(path=str(wrong))
-    assert msg.startswith(str(wrong)) and "'algo.gama'" in msg and "did you mean 'gamma'" in msg
+    assert msg.startswith(f"{wrong}: ") and "'algo.gama'" in msg and "did you mean 'gamma'" in msg
+    good = tmp_path / "good.yaml"
+    good.write_text("seed: 1\n")
+    assert _error(["seed=-1"], str(good)) == f"{good} with overrides: seed = -1 must be >= 0"
 
 
 def test_empty_file_gives_defaults(tmp_path):

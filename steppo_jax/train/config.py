@@ -42,6 +42,8 @@ def _yaml_load(text: Any) -> Any:
 
 @dataclass(frozen=True)
 class ModelSection:
+    """The policy (and critic) model: the tiny built-in decoder or a local HF checkpoint."""
+
     source: Literal["tiny", "hf"] = "tiny"
     """``tiny``: the small decoder built from the sizes below; ``hf``: load ``hf_path``."""
     hf_path: str | None = None
@@ -68,6 +70,8 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class EnvSection:
+    """The environment the agent is trained and evaluated on."""
+
     name: str = "multihop_qa"
     """Registered environment name (``steppo_jax.envs.registered()``)."""
     options: dict[str, Any] = field(default_factory=dict)
@@ -86,6 +90,8 @@ class EnvSection:
 
 @dataclass(frozen=True)
 class RolloutSection:
+    """Sampling trajectories: batch shape, lengths, sampling filters and row layout."""
+
     group_size: int = 4
     """Rollouts per task (the group of GRPO/RLOO/GiGPO)."""
     tasks_per_iter: int = 8
@@ -106,6 +112,8 @@ class RolloutSection:
 
 @dataclass(frozen=True)
 class AlgoSection:
+    """Credit assignment (estimator) and the PPO-style losses."""
+
     estimator: Literal["step_gae", "token_gae", "grpo", "rloo", "reinforce_pp", "gigpo"] = "step_gae"
     """Advantage estimator (``steppo_jax.ESTIMATORS``); StepPO is ``step_gae``."""
     gamma: float = 1.0
@@ -146,6 +154,8 @@ class AlgoSection:
 
 @dataclass(frozen=True)
 class OptimSection:
+    """Optimizers (AdamW for policy and critic), schedule and PPO epochs."""
+
     lr: float = 3e-4
     """Policy learning rate (peak, after warmup)."""
     critic_lr: float = 1e-3
@@ -170,6 +180,8 @@ class OptimSection:
 
 @dataclass(frozen=True)
 class TrainSection:
+    """The RL loop's length, checkpoint and evaluation cadence."""
+
     iterations: int = 30
     """RL iterations (rollout + update)."""
     checkpoint_every: int = 10
@@ -182,6 +194,8 @@ class TrainSection:
 
 @dataclass(frozen=True)
 class SFTSection:
+    """Behaviour-cloning warm start on (noisy) expert demonstrations."""
+
     steps: int = 300
     """Behaviour-cloning optimizer steps."""
     lr: float = 1e-3
@@ -199,6 +213,8 @@ class SFTSection:
 
 @dataclass(frozen=True)
 class MeshSection:
+    """The device mesh (data, fsdp, tensor); see ``steppo_jax.sharding``."""
+
     data: int = -1
     """Data-parallel axis size; -1 = all devices left after ``fsdp`` and ``tensor``."""
     fsdp: int = 1
@@ -211,6 +227,8 @@ class MeshSection:
 
 @dataclass(frozen=True)
 class Config:
+    """A whole run: top-level settings and one section per concern."""
+
     seed: int = 0
     """Seed of every random stream of the run."""
     run_dir: str = "runs/default"
@@ -399,7 +417,10 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Confi
     try:
         return config_from_dict(data)
     except ConfigError as err:
-        raise ConfigError(f"{path}: {err}" if path else str(err)) from None
+        if path is None:
+            raise
+        source = f"{path} with overrides" if overrides else path
+        raise ConfigError(f"{source}: {err}") from None
 
 
 def save_config(cfg: Config, path: str) -> None:
