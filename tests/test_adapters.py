@@ -135,6 +135,18 @@ def test_missing_extra_names_the_install_command(name, module, monkeypatch):
         make(name)
 
 
+@pytest.mark.parametrize("name, options, message", [
+    ("frozenlake", {"size": 1}, "size must be >= 2"),
+    ("frozenlake", {"p_frozen": 0.0}, r"p_frozen must be in \(0, 1\]"),
+    ("textworld", {"quest_length": 0}, "quest_length must be >= 1"),
+    ("textarena", {"max_steps": 0}, "max_steps must be >= 1"),
+])
+def test_bad_options_are_rejected(name, options, message):
+    pytest.importorskip(ADAPTERS[name])
+    with pytest.raises(ValueError, match=message):
+        make(name, **options)
+
+
 # --- FrozenLake ------------------------------------------------------------------------------
 
 def test_frozenlake_renders_plain_text_grid_matching_the_map():
