@@ -170,7 +170,10 @@ def test_file_errors(tmp_path):
     assert _error(["seed=-1"], str(good)) == f"{good} with overrides: seed = -1 must be >= 0"
 
 
-def test_empty_file_gives_defaults(tmp_path):
+def test_empty_file_and_empty_sections_give_defaults(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert load_config(str(empty)) == Config()
+    sections = tmp_path / "sections.yaml"
+    sections.write_text("model:\nalgo:\n")
+    assert load_config(str(sections)) == Config()

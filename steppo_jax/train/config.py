@@ -250,8 +250,6 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if tp is type(None):
         return "null"
-    if dataclasses.is_dataclass(tp):
-        return f"a mapping ({tp.__name__})"
     origin = typing.get_origin(tp) or tp
     return "a mapping" if origin is dict else origin.__name__
 
@@ -285,8 +283,12 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
 
 
 def _build(cls: type, data: Any, path: str) -> Any:
-    """An instance of dataclass ``cls`` from a mapping, defaults for the keys it lacks."""
+    """An instance of dataclass ``cls`` from a mapping, defaults for the keys it lacks.
+
+    An empty section (``model:`` with nothing under it, read as None) means all defaults.
+    """
     where = path or "config"
+    data = {} if data is None else data
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected a mapping of {cls.__name__} fields, "
                           f"got {type(data).__name__} {data!r}")

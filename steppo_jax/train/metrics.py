@@ -41,15 +41,13 @@ _LINE_FIELDS = (
 
 def _scalar(key: str, value: Any) -> Any:
     """A JSON value for one metric: numbers as int/float (NaN/Inf as None), strings and bools kept."""
-    if value is None or isinstance(value, (str, bool)):
-        return value
-    if isinstance(value, int):
+    if value is None or isinstance(value, (str, int)):  # int includes bool
         return value
     array = np.asarray(value)
     if array.size != 1:
         raise TypeError(f"metric {key!r} must be a scalar, got shape {array.shape}")
     item = array.reshape(()).item()
-    if isinstance(item, bool) or isinstance(item, int):
+    if isinstance(item, int):
         return item
     if isinstance(item, float):
         return item if math.isfinite(item) else None
