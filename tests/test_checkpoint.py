@@ -15,6 +15,10 @@ from flax import nnx
 
 from steppo_jax.train.checkpoint import CheckpointError, CheckpointManager, abstract_like
 
+# After a corrupted restore has raised, orbax's reader threads may still report the failure,
+# at whatever later test the garbage collector runs in.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
 
 def _state(seed: int = 0):
     params = {"w": jax.random.normal(jax.random.key(seed), (3, 4)), "b": jnp.arange(4.0)}
@@ -163,8 +167,6 @@ def _truncate(path: pathlib.Path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-# orbax's reader threads may still report the failure after the restore has raised.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("relative, damage", [
     ("state/_METADATA", _garble),
     ("state/_METADATA", _truncate),

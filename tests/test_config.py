@@ -177,3 +177,16 @@ def test_empty_file_and_empty_sections_give_defaults(tmp_path):
     sections = tmp_path / "sections.yaml"
     sections.write_text("model:\nalgo:\n")
     assert load_config(str(sections)) == Config()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_env_options_of_shipped_configs_are_accepted(path):
+    from steppo_jax.envs import make
+
+    cfg = load_config(path)
+    if cfg.env.name == "hotpotqa":
+        pytest.skip("hotpotqa needs a local data file")
+    if cfg.env.name == "textworld":
+        pytest.importorskip("textworld")
+    make(cfg.env.name, **cfg.env.options, max_steps=cfg.env.max_steps,
+         max_invalid_calls=cfg.env.max_invalid_calls)
