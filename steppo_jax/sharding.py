@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
@@ -95,3 +96,32 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     if all(t == AxisType.Explicit for t in mesh.axis_types):
         return jax.sharding.reshard(x, spec)
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+def take_rows(table: jax.Array, ids: jax.Array, out_names: Sequence[str | None]) -> jax.Array:
+    """table[ids] (an embedding lookup) whose result has the sharding of logical `out_names`."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not all(t == AxisType.Explicit for t in mesh.axis_types):
+        return constrain(jnp.take(table, ids, axis=0), out_names)
+    shape = ids.shape + table.shape[1:]
+    return table.at[ids].get(out_sharding=logical_spec(out_names, shape, mesh))
+
+
+def einsum(eq: str, a: jax.Array, b: jax.Array, out_names: Sequence[str | None],
+           **kwargs) -> jax.Array:
+    """`jnp.einsum` whose output takes the sharding of logical `out_names`.
+
+    Under Explicit axes this resolves contractions over sharded dimensions (e.g. heads or mlp
+    over `tensor`) by naming the output sharding; elsewhere it is a constrained einsum.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not all(t == AxisType.Explicit for t in mesh.axis_types):
+        return constrain(jnp.einsum(eq, a, b, **kwargs), out_names)
+    ins, out = eq.replace(" ", "").split("->")
+    sizes = {}
+    for letters, x in zip(ins.split(","), (a, b)):
+        letters = letters.replace("...", "")
+        sizes.update(zip(letters, x.shape[x.ndim - len(letters):]))
+    lead = a.shape[:a.ndim - len(ins.split(",")[0].replace("...", ""))]
+    shape = tuple(lead) + tuple(sizes[c] for c in out.replace("...", ""))
+    return jnp.einsum(eq, a, b, out_sharding=logical_spec(out_names, shape, mesh), **kwargs)

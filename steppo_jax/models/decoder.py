@@ -17,16 +17,15 @@ from steppo_jax.models.rope import rope_tables
 def default_positions(tokens, segment_ids=None, attention_mask=None) -> jax.Array:
     """Positions [B, T]: 0.. within each segment (contiguous segments), else counting only
     non-padding tokens (so left padding starts at 0), else 0..T-1."""
-    b, t = tokens.shape
+    idx = jnp.cumsum(jnp.ones_like(tokens, jnp.int32), axis=1) - 1  # derived from data: keeps its sharding
     if segment_ids is not None:
-        idx = jnp.broadcast_to(jnp.arange(t), (b, t))
         starts = jnp.concatenate(
-            [jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-        start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
-        return (idx - start_idx).astype(jnp.int32)
+            [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+            axis=1)
+        return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
     if attention_mask is not None:
         return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
-    return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    return idx
 
 
 class Decoder(nnx.Module):
@@ -85,7 +84,7 @@ class Decoder(nnx.Module):
         """
         cap = kv[0][0].shape[1]
         slots = jnp.where(valid, positions, cap)
-        mask = make_mask(positions, jnp.broadcast_to(jnp.arange(cap), (tokens.shape[0], cap)))
+        mask = make_mask(positions, jnp.arange(cap, dtype=positions.dtype)[None])
         x = self._embed(tokens)
         cos, sin = rope_tables(self.config, positions)
         new_kv = []
@@ -105,13 +104,12 @@ class Decoder(nnx.Module):
     def _embed(self, tokens) -> jax.Array:
         dt = self.config.jnp_dtype
         table = sharding.constrain(self.embed.get_value().astype(dt), (None, None))
-        return sharding.constrain(jnp.take(table, tokens, axis=0), ACT)
+        return sharding.take_rows(table, tokens, ACT)
 
 
 def packed_mask(positions, segment_ids=None, attention_mask=None) -> jax.Array:
     """[B,T,T] mask of a packed forward: causal by position order, same segment, key valid."""
-    t = positions.shape[1]
-    order = jnp.broadcast_to(jnp.arange(t), positions.shape)
+    order = jnp.cumsum(jnp.ones_like(positions), axis=1) - 1
     return make_mask(order, order, segment_ids, segment_ids, attention_mask)
 
 

@@ -13,10 +13,13 @@ from flax import nnx
 
 from steppo_jax.models.config import ModelConfig
 from steppo_jax.models.rope import apply_rope
-from steppo_jax.sharding import constrain
+from steppo_jax.sharding import constrain, einsum
 
 _MASKED = -1e30  # finite, so fully masked (padding) query rows give zeros, not NaN
 ACT = ("batch", "length", None)  # logical axes of a [B, T, D] activation
+HEADS = ("batch", "length", "heads", None)
+KV_HEADS = ("batch", "length", "kv_heads", None)
+MLP_ACT = ("batch", "length", "mlp")
 
 
 def param(rngs: nnx.Rngs | None, shape, names, dtype, init: str = "normal") -> nnx.Param:
@@ -89,9 +92,9 @@ class Attention(nnx.Module):
         dropped), then queries attend over all L slots (S = L). Returns (y [B,T,D], kv).
         """
         cfg, dt = self.cfg, x.dtype
-        q = jnp.einsum("btd,dhk->bthk", x, _use(self.q, dt))
-        k = jnp.einsum("btd,dhk->bthk", x, _use(self.k, dt))
-        v = jnp.einsum("btd,dhk->bthk", x, _use(self.v, dt))
+        q = einsum("btd,dhk->bthk", x, _use(self.q, dt), HEADS)
+        k = einsum("btd,dhk->bthk", x, _use(self.k, dt), KV_HEADS)
+        v = einsum("btd,dhk->bthk", x, _use(self.v, dt), KV_HEADS)
         if cfg.qkv_bias:
             q = q + _use(self.q_bias, dt)
             k = k + _use(self.k_bias, dt)
@@ -100,15 +103,19 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
-            rows = jnp.arange(x.shape[0])[:, None]
-            k = kv[0].at[rows, slots].set(k.astype(kv[0].dtype), mode="drop")
-            v = kv[1].at[rows, slots].set(v.astype(kv[1].dtype), mode="drop")
+            k, v = _write(kv[0], slots, k), _write(kv[1], slots, v)
             kv = (k, v)
         y = grouped_attention(q, k.astype(dt), v.astype(dt), mask)
-        out = jnp.einsum("bthk,hkd->btd", y, _use(self.o, dt))
+        out = einsum("bthk,hkd->btd", y, _use(self.o, dt), ACT)
         if cfg.o_bias:
             out = out + _use(self.o_bias, dt)
         return out, kv
+
+
+@jax.vmap
+def _write(cache, slots, new):
+    """Per row: cache [L,K,hd] with new [T,K,hd] written at slots [T] (out-of-range dropped)."""
+    return cache.at[slots].set(new.astype(cache.dtype), mode="drop")
 
 
 def grouped_attention(q, k, v, mask) -> jax.Array:
@@ -144,11 +151,11 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         dt = x.dtype
-        g = x @ _use(self.gate, dt)
-        u = x @ _use(self.up, dt)
+        g = einsum("btd,df->btf", x, _use(self.gate, dt), MLP_ACT)
+        u = einsum("btd,df->btf", x, _use(self.up, dt), MLP_ACT)
         if self.cfg.mlp_bias:
             g, u = g + _use(self.gate_bias, dt), u + _use(self.up_bias, dt)
-        y = (jax.nn.silu(g) * u) @ _use(self.down, dt)
+        y = einsum("btf,fd->btd", jax.nn.silu(g) * u, _use(self.down, dt), ACT)
         if self.cfg.mlp_bias:
             y = y + _use(self.down_bias, dt)
         return y

@@ -14,5 +14,7 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array, temperature: float = 1.
     """
     scaled = logits[:, :-1].astype(jnp.float32) / temperature
     logp = jax.nn.log_softmax(scaled, axis=-1)
-    picked = jnp.take_along_axis(logp, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
+    # a masked sum, not a gather: works unchanged when the vocabulary axis is sharded
+    hit = jnp.arange(logp.shape[-1]) == tokens[:, 1:, None]
+    picked = jnp.sum(jnp.where(hit, logp, 0.0), axis=-1)
     return jnp.concatenate([jnp.zeros_like(picked[:, :1]), picked], axis=1)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from steppo_jax.sharding import constrain
 from steppo_jax.sampling.select import SamplingParams, select_tokens
 
 
@@ -50,7 +51,7 @@ class Generation(NamedTuple):
 
 def init_state(model, batch: int, capacity: int) -> DecodeState:
     """Empty state for `batch` rows of `capacity` cache slots."""
-    zeros = jnp.zeros((batch,), jnp.int32)
+    zeros = constrain(jnp.zeros((batch,), jnp.int32), ("batch",))
     return DecodeState(model.init_kv(batch, capacity), zeros, zeros, zeros.astype(bool))
 
 
@@ -67,8 +68,10 @@ def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, new_
     (not checked here: see `Sampler`). Returns (new state, Generation).
     """
     model = nnx.merge(graphdef, params)
+    # per-row inputs share the cache's batch sharding (required under Explicit mesh axes)
+    new_tokens, stop_ids = (constrain(x, ("batch", None)) for x in (new_tokens, stop_ids))
+    new_lens, active, reset = (constrain(x, ("batch",)) for x in (new_lens, active, reset))
     b, n = new_tokens.shape
-    rows = jnp.arange(b)
     lengths = jnp.where(reset, 0, state.lengths)
     has_pending = state.has_pending & ~reset
 
@@ -80,14 +83,17 @@ def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, new_
     offsets = jnp.arange(n + 1, dtype=jnp.int32)
     h, kv = model.extend(tokens, lengths[:, None] + offsets, offsets < count[:, None], state.kv)
     lengths = lengths + count
-    logits = model.logits(h[rows, jnp.maximum(count - 1, 0)])
+    last = jax.vmap(lambda x, i: x[i])(h, jnp.maximum(count - 1, 0))
+    logits = model.logits(last)
 
     def is_stop(tok):
         return jnp.any(tok[:, None] == stop_ids, axis=1)
 
     tok, logp = select_tokens(logits, jax.random.fold_in(key, 0), sampling)
-    out_tok = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(jnp.where(active, tok, 0))
-    out_lp = jnp.zeros((b, max_new_tokens), jnp.float32).at[:, 0].set(jnp.where(active, logp, 0.0))
+    out_tok = constrain(jnp.zeros((b, max_new_tokens), jnp.int32), ("batch", None))
+    out_lp = constrain(jnp.zeros((b, max_new_tokens), jnp.float32), ("batch", None))
+    out_tok = out_tok.at[:, 0].set(jnp.where(active, tok, 0))
+    out_lp = out_lp.at[:, 0].set(jnp.where(active, logp, 0.0))
     stopped = active & is_stop(tok)
     done = ~active | stopped | (max_new_tokens == 1)
     counts = active.astype(jnp.int32)

@@ -7,6 +7,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from steppo_jax.sharding import constrain
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -33,7 +35,8 @@ class SamplingParams:
 
 def select_tokens(logits: jax.Array, key: jax.Array, params: SamplingParams):
     """logits [B,V] -> (tokens [B] int32, logprobs [B] float32)."""
-    scaled = logits.astype(jnp.float32) / params.temperature
+    # [B, V] is small: gather the vocabulary so sort/top-k/categorical see whole rows
+    scaled = constrain(logits.astype(jnp.float32), ("batch", None)) / params.temperature
     logp = jax.nn.log_softmax(scaled, axis=-1)
     if params.greedy:
         tokens = jnp.argmax(scaled, axis=-1)
