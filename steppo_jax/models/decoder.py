@@ -93,18 +93,19 @@ class Decoder(nnx.Module):
             new_kv.append(layer_kv)
         return self.norm(x), tuple(new_kv)
 
-    def init_kv(self, batch: int, capacity: int):
-        """An empty cache: tuple over layers of (k, v) zeros [batch, capacity, K, hd]."""
-        cfg = self.config
-        shape = (batch, capacity, cfg.n_kv_heads, cfg.head_dim)
-        names = ("batch", "length", "kv_heads", "head_dim")
-        zeros = lambda: sharding.constrain(jnp.zeros(shape, cfg.jnp_dtype), names)  # noqa: E731
-        return tuple((zeros(), zeros()) for _ in range(cfg.n_layers))
-
     def _embed(self, tokens) -> jax.Array:
         dt = self.config.jnp_dtype
         table = sharding.constrain(self.embed.get_value().astype(dt), (None, None))
         return sharding.take_rows(table, tokens, ACT)
+
+
+def init_kv(config: ModelConfig, batch: int, capacity: int):
+    """An empty cache: tuple over layers of (k, v) zeros [batch, capacity, K, hd] (compute dtype),
+    batch-sharded over (data, fsdp) and kv heads over tensor under a mesh."""
+    shape = (batch, capacity, config.n_kv_heads, config.head_dim)
+    names = ("batch", "length", "kv_heads", "head_dim")
+    zeros = lambda: sharding.constrain(jnp.zeros(shape, config.jnp_dtype), names)  # noqa: E731
+    return tuple((zeros(), zeros()) for _ in range(config.n_layers))
 
 
 def packed_mask(positions, segment_ids=None, attention_mask=None) -> jax.Array:

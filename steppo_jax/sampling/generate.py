@@ -17,8 +17,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from steppo_jax.sharding import constrain
+from steppo_jax.models.config import ModelConfig
+from steppo_jax.models.decoder import init_kv
 from steppo_jax.sampling.select import SamplingParams, select_tokens
+from steppo_jax.sharding import constrain
 
 
 @struct.dataclass
@@ -49,10 +51,11 @@ class Generation(NamedTuple):
     stopped: jax.Array
 
 
-def init_state(model, batch: int, capacity: int) -> DecodeState:
-    """Empty state for `batch` rows of `capacity` cache slots."""
+def init_state(config: ModelConfig, batch: int, capacity: int) -> DecodeState:
+    """Empty state for `batch` rows of `capacity` cache slots (call under jit to place it
+    sharded directly)."""
     zeros = constrain(jnp.zeros((batch,), jnp.int32), ("batch",))
-    return DecodeState(model.init_kv(batch, capacity), zeros, zeros, zeros.astype(bool))
+    return DecodeState(init_kv(config, batch, capacity), zeros, zeros, zeros.astype(bool))
 
 
 def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, new_tokens: jax.Array,

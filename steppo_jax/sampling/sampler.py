@@ -46,7 +46,7 @@ class Sampler:
         self.mesh = mesh
         self._lengths = np.zeros(batch_size, np.int64)  # host mirror: cached + pending tokens
         with self._mesh_ctx():
-            self.state = jax.jit(lambda: init_state(model, batch_size, capacity))()
+            self.state = jax.jit(init_state, static_argnums=(0, 1, 2))(model.config, batch_size, capacity)
 
     def _mesh_ctx(self):
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
