@@ -10,7 +10,7 @@ from flax import nnx
 
 from steppo_jax import sharding
 from steppo_jax.models.config import ModelConfig
-from steppo_jax.models.layers import ACT, Block, RMSNorm, _use, make_mask, param
+from steppo_jax.models.layers import ACT, Block, RMSNorm, make_mask, param, use_weight
 from steppo_jax.models.rope import rope_tables
 
 
@@ -70,7 +70,7 @@ class Decoder(nnx.Module):
     def logits(self, h: jax.Array) -> jax.Array:
         """LM head: hidden [..., D] -> logits [..., V] float32."""
         dt = h.dtype
-        w = _use(self.embed, dt).T if self.config.tie_embeddings else _use(self.lm_head, dt)
+        w = use_weight(self.embed, dt).T if self.config.tie_embeddings else use_weight(self.lm_head, dt)
         return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
 
     # -- cached forward (sampling) -------------------------------------------------------------
@@ -122,7 +122,7 @@ class ValueHead(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((), jnp.float32), logical_axes=())
 
     def __call__(self, h: jax.Array) -> jax.Array:
-        return h.astype(jnp.float32) @ _use(self.kernel, jnp.float32) + self.bias.get_value()
+        return h.astype(jnp.float32) @ use_weight(self.kernel, jnp.float32) + self.bias.get_value()
 
 
 class Critic(nnx.Module):

@@ -2,7 +2,7 @@
 
 Weights are `nnx.Param`s with `logical_axes` metadata (see `steppo_jax.sharding`). They are
 stored in `param_dtype` and cast to the compute dtype at use; a weight's FSDP ("embed") sharding
-is gathered right before its matmul (`_use`).
+is gathered right before its matmul (`use_weight`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def param(rngs: nnx.Rngs | None, shape, names, dtype, init: str = "normal") -> n
     return nnx.Param(value.astype(dtype), logical_axes=tuple(names))
 
 
-def _use(p: nnx.Param, dtype) -> jax.Array:
+def use_weight(p: nnx.Param, dtype) -> jax.Array:
     """Weight value in compute dtype, with its FSDP axis gathered (no-op without a mesh)."""
     names = p.get_metadata()["logical_axes"]
     value = p.get_value().astype(dtype)
@@ -92,13 +92,13 @@ class Attention(nnx.Module):
         dropped), then queries attend over all L slots (S = L). Returns (y [B,T,D], kv).
         """
         cfg, dt = self.cfg, x.dtype
-        q = einsum("btd,dhk->bthk", x, _use(self.q, dt), HEADS)
-        k = einsum("btd,dhk->bthk", x, _use(self.k, dt), KV_HEADS)
-        v = einsum("btd,dhk->bthk", x, _use(self.v, dt), KV_HEADS)
+        q = einsum("btd,dhk->bthk", x, use_weight(self.q, dt), HEADS)
+        k = einsum("btd,dhk->bthk", x, use_weight(self.k, dt), KV_HEADS)
+        v = einsum("btd,dhk->bthk", x, use_weight(self.v, dt), KV_HEADS)
         if cfg.qkv_bias:
-            q = q + _use(self.q_bias, dt)
-            k = k + _use(self.k_bias, dt)
-            v = v + _use(self.v_bias, dt)
+            q = q + use_weight(self.q_bias, dt)
+            k = k + use_weight(self.k_bias, dt)
+            v = v + use_weight(self.v_bias, dt)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -106,9 +106,9 @@ class Attention(nnx.Module):
             k, v = _write(kv[0], slots, k), _write(kv[1], slots, v)
             kv = (k, v)
         y = grouped_attention(q, k.astype(dt), v.astype(dt), mask)
-        out = einsum("bthk,hkd->btd", y, _use(self.o, dt), ACT)
+        out = einsum("bthk,hkd->btd", y, use_weight(self.o, dt), ACT)
         if cfg.o_bias:
-            out = out + _use(self.o_bias, dt)
+            out = out + use_weight(self.o_bias, dt)
         return out, kv
 
 
@@ -151,13 +151,13 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         dt = x.dtype
-        g = einsum("btd,df->btf", x, _use(self.gate, dt), MLP_ACT)
-        u = einsum("btd,df->btf", x, _use(self.up, dt), MLP_ACT)
+        g = einsum("btd,df->btf", x, use_weight(self.gate, dt), MLP_ACT)
+        u = einsum("btd,df->btf", x, use_weight(self.up, dt), MLP_ACT)
         if self.cfg.mlp_bias:
-            g, u = g + _use(self.gate_bias, dt), u + _use(self.up_bias, dt)
-        y = einsum("btf,fd->btd", jax.nn.silu(g) * u, _use(self.down, dt), ACT)
+            g, u = g + use_weight(self.gate_bias, dt), u + use_weight(self.up_bias, dt)
+        y = einsum("btf,fd->btd", jax.nn.silu(g) * u, use_weight(self.down, dt), ACT)
         if self.cfg.mlp_bias:
-            y = y + _use(self.down_bias, dt)
+            y = y + use_weight(self.down_bias, dt)
         return y
 
 

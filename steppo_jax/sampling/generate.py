@@ -36,10 +36,6 @@ class DecodeState:
     pending: jax.Array
     has_pending: jax.Array
 
-    @property
-    def capacity(self) -> int:
-        return self.kv[0][0].shape[1]
-
 
 class Generation(NamedTuple):
     """tokens, logprobs [B, max_new] (zero past `lengths`); lengths [B]; stopped [B] (ended on a

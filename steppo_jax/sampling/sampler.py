@@ -35,6 +35,12 @@ class Sampler:
     turn, observation tokens later; None = row inactive this call, left untouched) and decodes
     one step. `reset=True` (or `reset=[...]` per row) starts new conversations. New-token widths
     are bucketed to powers of two, so repeated turns reuse one compiled program per bucket.
+    The cache holds `capacity` tokens per row; each row's total (all turns, prompt, observations
+    and generated tokens) must stay within it, which `step` checks before running.
+
+    Log-probs are those of softmax(logits / temperature), not truncated by top-k/top-p; they
+    equal `steppo_jax.models.token_logprobs` of the trainer's forward on the same tokens.
+    `set_params` swaps in new weights without recompiling.
     """
 
     def __init__(self, model, *, batch_size: int, capacity: int, max_new_tokens: int,
@@ -57,7 +63,9 @@ class Sampler:
 
     def step(self, new_tokens: Sequence[Sequence[int] | None], stop_ids, key: jax.Array,
              reset: bool | Sequence[bool] = False) -> StepOutput:
-        """stop_ids: one id list shared by all rows, or one list per row."""
+        """new_tokens: B lists of ids (None: inactive row); stop_ids: one id list shared by all
+        rows, or one list per row; key: PRNG key. Returns `StepOutput` (row b's tokens end on a
+        stop id when stopped[b], else after max_new_tokens)."""
         b = self.batch_size
         if len(new_tokens) != b:
             raise ValueError(f"expected {b} rows of new tokens, got {len(new_tokens)}")
