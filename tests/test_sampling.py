@@ -88,9 +88,11 @@ def test_multiturn_continuation_matches_full_history(model, sampling):
 
 
 def test_multiturn_greedy_equals_reprefill(model):
-    s = Sampler(model, batch_size=2, capacity=128, max_new_tokens=6,
+    """Also covers attention spans: `s` (capacity 1024) attends over 128 then 256 cache slots,
+    `fresh` over its whole 512."""
+    s = Sampler(model, batch_size=2, capacity=1024, max_new_tokens=6,
                 sampling=SamplingParams(greedy=True))
-    fresh = Sampler(model, batch_size=2, capacity=128, max_new_tokens=6,
+    fresh = Sampler(model, batch_size=2, capacity=512, max_new_tokens=6,
                     sampling=SamplingParams(greedy=True))
     history = [[7, 8, 9], [10, 11, 12, 13, 14]]
     new = [list(h) for h in history]
@@ -100,7 +102,7 @@ def test_multiturn_greedy_equals_reprefill(model):
         assert out.tokens == ref.tokens
         for a, b_ in zip(out.logprobs, ref.logprobs):
             np.testing.assert_allclose(a, b_, atol=1e-5)
-        new = [[20 + turn, 21], [22 + turn]]
+        new = [[20 + turn, 21], [22 + turn] * (1 if turn else 120)]
         history = [h + o + n for h, o, n in zip(history, out.tokens, new)]
 
 

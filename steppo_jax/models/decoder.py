@@ -74,17 +74,19 @@ class Decoder(nnx.Module):
         return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
 
     # -- cached forward (sampling) -------------------------------------------------------------
-    def extend(self, tokens, positions, valid, kv):
+    def extend(self, tokens, positions, valid, kv, span: int | None = None):
         """Appends tokens to a KV cache and returns their hidden states.
 
         tokens, positions [B,T] int32; valid [B,T] bool; kv: tuple over layers of (k, v), each
         [B,L,K,hd]. Cache slot == position: token (b,t) is written at slot positions[b,t] when
         valid (invalid ones are dropped), then attends to slots <= its position. The caller keeps
-        every slot below a row's new positions filled. Returns (hidden [B,T,D], kv).
+        every slot below a row's new positions filled. `span` (static, default L): attend over
+        slots [0, span) only, which must cover every position in this call; it saves reading the
+        cache's unused tail. Returns (hidden [B,T,D], kv).
         """
         cap = kv[0][0].shape[1]
         slots = jnp.where(valid, positions, cap)
-        mask = make_mask(positions, jnp.arange(cap, dtype=positions.dtype)[None])
+        mask = make_mask(positions, jnp.arange(span or cap, dtype=positions.dtype)[None])
         x = self._embed(tokens)
         cos, sin = rope_tables(self.config, positions)
         new_kv = []

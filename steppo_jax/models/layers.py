@@ -89,7 +89,7 @@ class Attention(nnx.Module):
 
         Without `kv`, keys are x's own tokens (S = T). With `kv = (k, v)` ([B,L,K,hd] each), this
         call's keys/values are first written at cache `slots` [B,T] (out-of-range slots are
-        dropped), then queries attend over all L slots (S = L). Returns (y [B,T,D], kv).
+        dropped), then queries attend over the first S <= L slots. Returns (y [B,T,D], kv).
         """
         cfg, dt = self.cfg, x.dtype
         q = einsum("btd,dhk->bthk", x, use_weight(self.q, dt), HEADS)
@@ -105,6 +105,7 @@ class Attention(nnx.Module):
         if kv is not None:
             k, v = _write(kv[0], slots, k), _write(kv[1], slots, v)
             kv = (k, v)
+            k, v = k[:, :mask.shape[-1]], v[:, :mask.shape[-1]]
         y = grouped_attention(q, k.astype(dt), v.astype(dt), mask)
         out = einsum("bthk,hkd->btd", y, use_weight(self.o, dt), ACT)
         if cfg.o_bias:

@@ -56,15 +56,17 @@ def init_state(config: ModelConfig, batch: int, capacity: int) -> DecodeState:
 
 def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, new_tokens: jax.Array,
              new_lens: jax.Array, active: jax.Array, reset: jax.Array, stop_ids: jax.Array,
-             key: jax.Array, *, max_new_tokens: int,
-             sampling: SamplingParams = SamplingParams()) -> tuple[DecodeState, Generation]:
+             key: jax.Array, *, max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
+             span: int | None = None) -> tuple[DecodeState, Generation]:
     """One agent step for every active row.
 
     new_tokens [B,N] int32 (row b's first new_lens[b] entries are real); active [B] bool; reset
     [B] bool (forget the row's history first: a new conversation); stop_ids [B,S] int32 (-1 pads
     a row's stop set); key: PRNG key. An active row needs at least one token to prefill (its
     pending token or a new one), and lengths + pending + new_lens + max_new_tokens <= capacity
-    (not checked here: see `Sampler`). Returns (new state, Generation).
+    (not checked here: see `Sampler`). span (static): attend over the first `span` cache slots
+    only; it must exceed every position this call writes (default: the whole capacity).
+    Returns (new state, Generation).
     """
     model = nnx.merge(graphdef, params)
     # per-row inputs share the cache's batch sharding (required under Explicit mesh axes)
@@ -80,7 +82,7 @@ def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, new_
                        jnp.concatenate([new_tokens, jnp.zeros_like(new_tokens[:, :1])], axis=1))
     count = jnp.where(active, new_lens + has_pending.astype(jnp.int32), 0)
     offsets = jnp.arange(n + 1, dtype=jnp.int32)
-    h, kv = model.extend(tokens, lengths[:, None] + offsets, offsets < count[:, None], state.kv)
+    h, kv = model.extend(tokens, lengths[:, None] + offsets, offsets < count[:, None], state.kv, span)
     lengths = lengths + count
     last = jax.vmap(lambda x, i: x[i])(h, jnp.maximum(count - 1, 0))
     logits = model.logits(last)
@@ -104,7 +106,7 @@ def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, new_
     def body(carry):
         i, kv, lengths, cur, done, stopped, counts, out_tok, out_lp = carry
         live = ~done
-        h, kv = model.extend(cur[:, None], lengths[:, None], live[:, None], kv)
+        h, kv = model.extend(cur[:, None], lengths[:, None], live[:, None], kv, span)
         lengths = lengths + live
         tok, logp = select_tokens(model.logits(h[:, 0]), jax.random.fold_in(key, i), sampling)
         out_tok = out_tok.at[:, i].set(jnp.where(live, tok, 0))
@@ -125,5 +127,5 @@ def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, new_
     return new_state, Generation(out_tok, out_lp, counts, stopped)
 
 
-jit_generate = jax.jit(generate, static_argnames=("graphdef", "max_new_tokens", "sampling"),
+jit_generate = jax.jit(generate, static_argnames=("graphdef", "max_new_tokens", "sampling", "span"),
                        donate_argnames=("state",))

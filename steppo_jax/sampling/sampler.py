@@ -34,7 +34,8 @@ class Sampler:
     `step(new_tokens, stop_ids, key)`: row b gets `new_tokens[b]` appended (prompt on the first
     turn, observation tokens later; None = row inactive this call, left untouched) and decodes
     one step. `reset=True` (or `reset=[...]` per row) starts new conversations. New-token widths
-    are bucketed to powers of two, so repeated turns reuse one compiled program per bucket.
+    are bucketed to powers of two, and attention reads only the cache prefix the call can reach
+    (also a power-of-two bucket), so repeated turns reuse one compiled program per bucket pair.
     The cache holds `capacity` tokens per row; each row's total (all turns, prompt, observations
     and generated tokens) must stay within it, which `step` checks before running.
 
@@ -79,6 +80,9 @@ class Sampler:
             if lengths[r] + lens[r] + self.max_new_tokens > self.capacity:
                 raise ValueError(f"row {r}: {lengths[r]} cached + {lens[r]} new + max_new_tokens="
                                  f"{self.max_new_tokens} exceeds the cache capacity {self.capacity}")
+        # attend only over the cache prefix this call can reach (power-of-two buckets, >= 128)
+        reach = int(np.max(np.where(active, lengths + lens + 1 + self.max_new_tokens, 1)))
+        span = min(self.capacity, bucket(reach, 128))
         tok = np.zeros((b, bucket(int(lens.max(initial=1)))), np.int32)
         for r in np.flatnonzero(active):
             tok[r, :lens[r]] = new_tokens[r]
@@ -88,7 +92,7 @@ class Sampler:
             self.state, out = jit_generate(
                 self.graphdef, self.params, self.state, jnp.asarray(tok), jnp.asarray(lens, jnp.int32),
                 jnp.asarray(active), jnp.asarray(reset_rows), jnp.asarray(stops), key,
-                max_new_tokens=self.max_new_tokens, sampling=self.sampling)
+                max_new_tokens=self.max_new_tokens, sampling=self.sampling, span=span)
         tokens, logprobs, n, stopped = jax.device_get(tuple(out))
         self._lengths = np.where(active, lengths + lens + n, lengths)
         return StepOutput(
