@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import bm25s
 import numpy as np
+
+# bm25s sets its own logger to DEBUG on import, which floods every index build.
+logging.getLogger("bm25s").setLevel(logging.WARNING)
 
 
 def _tokens(text: str) -> list[str]:

@@ -1,0 +1,152 @@
+"""The ``steppo`` command: sft, train, eval, export and demo.
+
+    steppo demo                                   # SFT warm start + StepPO on the default, then eval
+    steppo sft   --config configs/default.yaml
+    steppo train --config configs/default.yaml algo.estimator=grpo rollout.group_size=8
+    steppo train --config configs/default.yaml --resume
+    steppo eval  --checkpoint runs/default/checkpoints
+    steppo export --checkpoint runs/default/checkpoints --out runs/default/hf
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from steppo_jax.train.config import ConfigError, load_config
+
+
+def _config(args):
+    cfg = load_config(args.config, args.overrides)
+    if getattr(args, "run_dir", None):
+        cfg = load_config(args.config, [*args.overrides, f"run_dir={args.run_dir}"])
+    return cfg
+
+
+def cmd_sft(args) -> dict:
+    from steppo_jax.train.checkpoint import CheckpointManager
+    from steppo_jax.train.runtime import Runtime
+    from steppo_jax.train.sft import run_sft
+    from steppo_jax.train.state import build_models
+
+    cfg = _config(args)
+    rt = Runtime.create(cfg)
+    models, params = build_models(cfg, len(rt.tokenizer), rt.mesh)
+    policy, stats = run_sft(rt, models, params["policy"])
+    path = os.path.join(cfg.run_dir, "sft")
+    CheckpointManager(path, keep=1).save(cfg.sft.steps, {"policy": policy}, stats)
+    print(f"sft checkpoint: {path}  (train from it with model.warm_start={path})")
+    return {"policy": policy, **stats}
+
+
+def cmd_train(args, policy_params=None) -> dict:
+    from steppo_jax.train.rl import Trainer
+
+    cfg = _config(args)
+    trainer = Trainer(cfg, policy_params=policy_params)
+    summary = trainer.fit(resume=args.resume)
+    print(json.dumps(summary, indent=1))
+    print(f"run directory: {cfg.run_dir} (metrics.jsonl, curves.png, summary.json, checkpoints/)")
+    return summary
+
+
+def cmd_demo(args) -> dict:
+    out = cmd_sft(args)
+    stats = {k: v for k, v in out.items() if k != "policy"}
+    summary = cmd_train(args, policy_params=out["policy"])
+    from steppo_jax.train.config import load_config as _load
+    from steppo_jax.train.metrics import write_summary
+
+    cfg = _load(args.config, args.overrides)
+    summary = {**summary, **stats}
+    write_summary(args.run_dir or cfg.run_dir, summary)
+    print(f"demo: greedy success on held-out tasks {summary['initial_success_rate']:.1%} after SFT -> "
+          f"{summary['final_success_rate']:.1%} after StepPO")
+    return summary
+
+
+def _trainer_from_checkpoint(path: str):
+    from steppo_jax.train.checkpoint import CheckpointError, CheckpointManager
+    from steppo_jax.train.config import config_from_dict
+    from steppo_jax.train.rl import Trainer
+
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint directory not found: {path}")
+    manager = CheckpointManager(path)
+    step = manager.latest_step()
+    if step is None:
+        raise CheckpointError(f"no checkpoint found in {path}")
+    _, meta = manager.restore(step)
+    if "config" not in meta:
+        raise CheckpointError(f"{path} holds no run config (is it an SFT checkpoint? train from it instead)")
+    cfg = config_from_dict(meta["config"])
+    import dataclasses
+
+    trainer = Trainer(dataclasses.replace(cfg, run_dir=os.path.dirname(os.path.abspath(path))))
+    trainer.restore()
+    return trainer
+
+
+def cmd_eval(args) -> dict:
+    trainer = _trainer_from_checkpoint(args.checkpoint)
+    stats = trainer.evaluate()
+    print(json.dumps({"iteration": trainer.iteration, **stats}, indent=1))
+    return stats
+
+
+def cmd_export(args) -> None:
+    from flax import nnx
+
+    from steppo_jax.models import save_hf_checkpoint
+
+    trainer = _trainer_from_checkpoint(args.checkpoint)
+    model = nnx.merge(trainer.models.policy_def, trainer.state.params["policy"])
+    save_hf_checkpoint(model, args.out)
+    trainer.rt.tokenizer.save_pretrained(args.out)
+    print(f"exported the policy to {args.out}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="steppo", description="Step-level RL (StepPO) for LLM agents, in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p):
+        p.add_argument("--config", default="configs/default.yaml", help="YAML config (default: %(default)s)")
+        p.add_argument("--run-dir", help="overrides run_dir")
+        p.add_argument("overrides", nargs="*", help="field=value overrides, e.g. algo.estimator=grpo")
+
+    p = sub.add_parser("demo", help="SFT warm start, StepPO training, evaluation and plots on the default")
+    with_config(p)
+    p.set_defaults(fn=cmd_demo, resume=False)
+    p = sub.add_parser("sft", help="behaviour cloning on expert trajectories")
+    with_config(p)
+    p.set_defaults(fn=cmd_sft)
+    p = sub.add_parser("train", help="RL training (StepPO by default)")
+    with_config(p)
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("eval", help="greedy success on held-out tasks of a trained run")
+    p.add_argument("--checkpoint", required=True, help="a run's checkpoints/ directory")
+    p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("export", help="write the policy as a Hugging Face checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a run's checkpoints/ directory")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(fn=cmd_export)
+    args = parser.parse_args(argv)
+    try:
+        args.fn(args)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"steppo {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # CheckpointError and friends: a clear line, not a trace
+        if type(err).__name__ in ("CheckpointError", "BatchError", "UnknownEnvironmentError"):
+            print(f"steppo {args.command}: error: {err}", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

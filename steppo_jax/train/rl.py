@@ -1,0 +1,225 @@
+"""The RL loop: rollout -> scoring passes -> credit -> PPO epochs -> metrics, checkpoints.
+
+    trainer = Trainer(load_config("configs/default.yaml"))
+    summary = trainer.fit()
+
+Every random choice of iteration i derives from (seed, i) and checkpoints hold the full
+train state, so a resumed run continues exactly as the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from steppo_jax.rollout import RolloutTimings, rollout_stats
+from steppo_jax.train.checkpoint import CheckpointError, CheckpointManager, abstract_like
+from steppo_jax.train.config import Config, config_to_dict, save_config
+from steppo_jax.train.evaluate import Evaluator
+from steppo_jax.train.metrics import MetricsWriter, format_line, plot_metrics, progress, write_summary
+from steppo_jax.train.runtime import Runtime
+from steppo_jax.train.state import build_models, copy_tree, init_state, make_optimizer
+from steppo_jax.train.tasks import TaskBatches
+from steppo_jax.train.update import TrainBatch, assign_credit, make_update, score
+
+
+def load_policy_params(path: str, like):
+    """Policy parameters from a checkpoint directory written by ``steppo sft`` or ``train``."""
+    manager = CheckpointManager(path)
+    step = manager.latest_step()
+    if step is None:
+        raise CheckpointError(f"no checkpoint found in {path}")
+    state, _ = manager.restore(step, target={"policy": abstract_like(like)})
+    return state["policy"]
+
+
+class Trainer:
+    """One run: models, optimizer, rollout engine, evaluator, checkpoints and metrics."""
+
+    def __init__(self, cfg: Config, *, policy_params=None, log: Callable[[str], None] = print):
+        self.cfg, self.log = cfg, log
+        self.rt = Runtime.create(cfg)
+        r, o = cfg.rollout, cfg.optim
+        self.batch_size = r.tasks_per_iter * r.group_size
+        n_dev = self.rt.mesh.shape["data"] * self.rt.mesh.shape["fsdp"]
+        if self.batch_size % (o.minibatches * n_dev):
+            raise ValueError(f"rollout.tasks_per_iter x rollout.group_size = {self.batch_size} trajectories must split "
+                             f"into optim.minibatches={o.minibatches} minibatches of a multiple of {n_dev} devices")
+        self.models, params = build_models(cfg, len(self.rt.tokenizer), self.rt.mesh)
+        if policy_params is not None:  # copied: the update donates its state, never the caller's arrays
+            params["policy"] = copy_tree(policy_params)
+        elif cfg.model.warm_start:
+            params["policy"] = load_policy_params(cfg.model.warm_start, params["policy"])
+        self.ref_params = copy_tree(params["policy"]) if cfg.algo.kl_coef else None
+        self.tx = make_optimizer(o, cfg.train.iterations * o.epochs * o.minibatches)
+        with jax.set_mesh(self.rt.mesh):
+            self.state = init_state(params, self.tx)
+        self.update = jax.jit(make_update(self.models, cfg.algo, r.temperature, self.tx), donate_argnums=0)
+        policy = nnx.merge(self.models.policy_def, params["policy"])
+        self.sampler = self.rt.sampler(policy, self.batch_size)
+        self.engine = self.rt.engine(self.sampler)
+        self.evaluator = Evaluator(self.rt, self.models.policy_def, params["policy"])
+        self.tasks = TaskBatches(cfg.env.eval_seed, r.tasks_per_iter, cfg.seed)
+        self.root_key = jax.random.key(cfg.seed)
+        self.ckpt = CheckpointManager(os.path.join(cfg.run_dir, "checkpoints"), keep=cfg.train.keep_checkpoints)
+        self.iteration = 0
+        self.summary: dict = {}
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def _ckpt_tree(self):
+        return {"state": self.state, "ref": self.ref_params}
+
+    def save(self) -> None:
+        meta = {"iteration": self.iteration, "data_position": self.iteration, "summary": self.summary,
+                "config": config_to_dict(self.cfg)}
+        self.ckpt.save(self.iteration, self._ckpt_tree(), meta)
+
+    def restore(self) -> bool:
+        """Loads the latest checkpoint of the run directory; False if there is none."""
+        step = self.ckpt.latest_step()
+        if step is None:
+            return False
+        tree, meta = self.ckpt.restore(step, target=abstract_like(self._ckpt_tree()))
+        self.state, self.ref_params = tree["state"], tree["ref"]
+        self.iteration, self.summary = int(meta["iteration"]), dict(meta.get("summary", {}))
+        self.sampler.set_params(self.state.params["policy"])
+        return True
+
+    # -- one iteration ------------------------------------------------------------------------
+    def _train_batch(self, batch, logp, ref_logp, values, credit) -> TrainBatch:
+        zeros = jnp.zeros_like(logp)
+        return TrainBatch(
+            tokens=batch.tokens, step_ids=batch.step_ids, old_logp=jnp.where(batch.action_mask, logp, 0.0),
+            ref_logp=ref_logp, adv_bt=credit.advantages_bt,
+            returns_bt=credit.returns_bt if credit.returns_bt is not None else zeros, old_values_bt=values,
+            value_pos=batch.value_pos, slot_mask=batch.slot_mask(),
+            returns_bs=credit.returns_bs if credit.returns_bs is not None else jnp.zeros(batch.value_pos.shape),
+            segment_ids=batch.segment_ids)
+
+    def step(self) -> dict:
+        """Runs iteration ``self.iteration``; returns its metrics."""
+        with jax.set_mesh(self.rt.mesh):
+            return self._step()
+
+    def _step(self) -> dict:
+        cfg, it = self.cfg, self.iteration
+        key = jax.random.fold_in(self.root_key, it)
+        t0 = time.perf_counter()
+        rt = RolloutTimings()
+        records = self.engine.collect(self.tasks(it), cfg.rollout.group_size, key, rt)
+        host_batch = self.rt.layout(records)
+        t1 = time.perf_counter()
+
+        batch = self.rt.put(host_batch)
+        logp, ref_logp, values = score(self.models, self.state.params, self.ref_params, batch.tokens,
+                                       batch.segment_ids, temperature=cfg.rollout.temperature,
+                                       with_ref=self.ref_params is not None)
+        action = batch.action_mask
+        sampler_gap = jnp.max(jnp.where(action, jnp.abs(logp - batch.old_logp), 0.0))
+        batch = batch.replace(old_logp=jnp.where(action, logp, 0.0), ref_logp=ref_logp)
+        credit, rewards = assign_credit(batch, values, algo=cfg.algo)
+        train = jax.device_get(self._train_batch(batch, logp, ref_logp, values, credit))
+        diag = jax.device_get({"sampler_logp_gap": sampler_gap, **self._value_stats(batch, values, credit)})
+        t2 = time.perf_counter()
+
+        rows = train.tokens.shape[0]
+        size = rows // cfg.optim.minibatches
+        order = np.random.default_rng([cfg.seed, it])
+        updates = []
+        for _ in range(cfg.optim.epochs):
+            perm = order.permutation(rows)
+            for m in range(cfg.optim.minibatches):
+                idx = perm[m * size:(m + 1) * size]
+                mb = self.rt.put(jax.tree.map(lambda x: x[idx], train))
+                self.state, metrics = self.update(self.state, mb)
+                updates.append(metrics)
+        updates = jax.device_get(updates)
+        self.sampler.set_params(self.state.params["policy"])
+        t3 = time.perf_counter()
+
+        stats = rollout_stats(records)
+        mean = lambda k: float(np.mean([u[k] for u in updates]))  # noqa: E731
+        out = {"reward/mean": float(np.sum(np.asarray(rewards)) / max(len(records), 1)),
+               "success/rate": stats.get("success", 0.0), "steps/mean": stats.get("steps", 0.0),
+               "tokens/action": stats.get("action_tokens", 0.0), "tokens/total": float(host_batch.seq_lens.sum()),
+               "rollout/failed": stats["failed"], "rollout/invalid_calls": stats.get("invalid_calls", 0.0),
+               "policy/loss": mean("policy_loss"), "policy/approx_kl": mean("approx_kl"),
+               "policy/entropy": mean("entropy"), "policy/clip_frac": mean("clip_frac"),
+               "policy/ratio_mean": mean("ratio_mean"), "policy/ratio_max": float(np.max([u["ratio_max"] for u in updates])),
+               "policy/grad_norm": mean("grad_norm"), "value/loss": mean("value_loss"),
+               "skipped_updates": float(np.sum([u["skipped"] for u in updates])),
+               "sampler_logp_gap": float(diag["sampler_logp_gap"]), "rows": float(rows), "seq_len": float(host_batch.seq_len),
+               "time/rollout": t1 - t0, "time/passes": t2 - t1, "time/update": t3 - t2,
+               "time/rollout_sampler": rt.sampler_s, "time/rollout_env": rt.env_s, "time/rollout_glue": rt.glue_s}
+        if "kl_ref" in updates[0]:
+            out["policy/kl"] = mean("kl_ref")
+        if "explained_variance" in diag:
+            out["value/explained_var"] = float(diag["explained_variance"])
+        self.iteration += 1
+        return out
+
+    def _value_stats(self, batch, values, credit) -> dict:
+        """Explained variance of the critic on the returns it is trained toward."""
+        if self.models.critic_level == "step":
+            v = jnp.take_along_axis(values, batch.value_pos, axis=1)
+            ret, mask = credit.returns_bs, batch.slot_mask()
+        elif self.models.critic_level == "token":
+            v = jnp.concatenate([values[:, :1], values[:, :-1]], axis=1)
+            ret, mask = credit.returns_bt, batch.action_mask
+        else:
+            return {}
+        n = jnp.maximum(jnp.sum(mask), 2)
+        var = lambda x: jnp.sum(jnp.where(mask, (x - jnp.sum(jnp.where(mask, x, 0)) / n) ** 2, 0)) / (n - 1)  # noqa: E731
+        return {"explained_variance": 1.0 - var(ret - v) / jnp.maximum(var(ret), 1e-8)}
+
+    # -- the whole run ------------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        stats, _ = self.evaluator(self.state.params["policy"])
+        return stats
+
+    def fit(self, *, resume: bool = False, stop_after: int | None = None) -> dict:
+        """Trains to ``train.iterations`` (or ``stop_after`` more iterations); returns the summary."""
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        if not resume and self.ckpt.latest_step() is not None:
+            raise ValueError(f"{cfg.run_dir} already holds checkpoints of a run: continue it with --resume "
+                             "or choose another run_dir")
+        resumed = resume and self.restore()
+        if resume and not resumed:
+            self.log(f"no checkpoint in {self.ckpt.directory}: starting from scratch")
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+        writer = MetricsWriter(cfg.run_dir, resume_iteration=self.iteration - 1 if resumed else None)
+        if "initial_success_rate" not in self.summary:
+            initial = self.evaluate()
+            self.summary |= {"initial_success_rate": initial["success"], "initial_return": initial["return"]}
+            writer.write(-1, {"eval/" + k: v for k, v in initial.items()})
+            self.log(f"initial greedy success on {cfg.env.eval_tasks} held-out tasks: {initial['success']:.1%}")
+        end = cfg.train.iterations if stop_after is None else min(cfg.train.iterations, self.iteration + stop_after)
+        with progress(end - self.iteration, "train") as bar:
+            while self.iteration < end:
+                metrics = self.step()
+                it = self.iteration
+                if it % cfg.train.eval_every == 0 or it == cfg.train.iterations:
+                    metrics |= {"eval/" + k: v for k, v in self.evaluate().items()}
+                record = writer.write(it - 1, metrics)
+                bar.write(format_line(it - 1, record)) if bar.disable is False else self.log(format_line(it - 1, record))
+                bar.update(1)
+                if it % cfg.train.checkpoint_every == 0 or it == end:
+                    self.save()
+        writer.close()
+        wall = time.perf_counter() - t_start
+        self.summary["wall_time_s"] = self.summary.get("wall_time_s", 0.0) + wall
+        if self.iteration >= cfg.train.iterations:
+            final = self.evaluate()
+            self.summary |= {"final_success_rate": final["success"], "final_return": final["return"],
+                             "iterations": self.iteration}
+            write_summary(cfg.run_dir, self.summary)
+            plot_metrics(os.path.join(cfg.run_dir, "metrics.jsonl"), os.path.join(cfg.run_dir, "curves.png"))
+        return self.summary

@@ -1,0 +1,164 @@
+"""The trainer end to end on a tiny model: learning, exact resume, faults, sharding, the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from steppo_jax.envs import register, registered
+from steppo_jax.train.config import load_config
+from steppo_jax.train.rl import Trainer
+from steppo_jax.train.runtime import Runtime
+from steppo_jax.train.sft import run_sft
+from steppo_jax.train.state import build_models
+from steppo_jax.train.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+if "chain_test" not in registered():
+    register("chain_test", "tests.train_envs:ChainEnv")
+
+TINY = ["env.name=chain_test", "env.max_steps=2", "env.eval_tasks=16", "model.d_model=32", "model.n_layers=1",
+        "model.n_heads=2", "model.n_kv_heads=2", "model.d_ff=64", "rollout.group_size=4", "rollout.tasks_per_iter=4",
+        "rollout.max_new_tokens=32", "rollout.max_context=256", "sft.steps=150", "sft.num_demos=64",
+        "sft.noise=1.0", "sft.batch_size=16", "sft.lr=3e-3", "optim.lr=2e-3", "train.iterations=4",
+        "train.eval_every=100", "train.checkpoint_every=2"]
+
+
+def tiny_config(tmp_path, *extra):
+    return load_config(None, [*TINY, f"run_dir={tmp_path}", *extra])
+
+
+def warm_start(cfg):
+    rt = Runtime.create(cfg)
+    models, params = build_models(cfg, len(rt.tokenizer), rt.mesh)
+    policy, _ = run_sft(rt, models, params["policy"], log=lambda _: None)
+    return policy
+
+
+def leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tiny_model_learns(tmp_path, seed):
+    cfg = tiny_config(tmp_path, f"seed={seed}", "train.iterations=14", "train.checkpoint_every=100")
+    summary = Trainer(cfg, policy_params=warm_start(cfg), log=lambda _: None).fit()
+    assert summary["final_success_rate"] >= summary["initial_success_rate"] + 0.5, summary
+    records = read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
+    assert [r["iteration"] for r in records] == list(range(-1, 14))
+    assert records[-1]["success/rate"] > records[0 + 1]["success/rate"]
+    for key in ("reward/mean", "policy/entropy", "policy/clip_frac", "value/loss", "value/explained_var",
+                "steps/mean", "tokens/action", "time/rollout", "time/passes", "time/update"):
+        assert key in records[-1], key
+    assert os.path.getsize(os.path.join(tmp_path, "curves.png")) > 10_000
+    assert json.loads(Path(tmp_path, "summary.json").read_text())["final_success_rate"] == summary["final_success_rate"]
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = tiny_config(tmp_path / "a", "sft.steps=20")
+    policy = warm_start(straight)
+    a = Trainer(straight, policy_params=policy, log=lambda _: None)
+    a.fit()
+    cfg = tiny_config(tmp_path / "b", "sft.steps=20")
+    b = Trainer(cfg, policy_params=policy, log=lambda _: None)
+    b.fit(stop_after=2)
+    assert b.iteration == 2
+    b2 = Trainer(cfg, log=lambda _: None)  # a fresh process would start like this
+    b2.fit(resume=True)
+    assert b2.iteration == 4
+    for x, y in zip(leaves(a.state), leaves(b2.state)):
+        np.testing.assert_array_equal(x, y)
+    ma = read_metrics(os.path.join(tmp_path / "a", "metrics.jsonl"))
+    mb = read_metrics(os.path.join(tmp_path / "b", "metrics.jsonl"))
+    assert [r.get("reward/mean") for r in ma] == [r.get("reward/mean") for r in mb]
+
+
+def test_nan_loss_is_skipped_and_training_goes_on(tmp_path):
+    cfg = tiny_config(tmp_path, "sft.steps=20", "train.iterations=2", "train.checkpoint_every=100",
+                      "env.options={nan_task: 0}", "rollout.tasks_per_iter=4")
+    trainer = Trainer(cfg, policy_params=warm_start(tiny_config(tmp_path / "w", "sft.steps=20")), log=lambda _: None)
+    trainer.tasks = lambda it: [(0, 0)] + [(t, 0) for t in range(1, 4)] if it == 0 else [(t, 0) for t in range(4, 8)]
+    before = leaves(trainer.state.params)
+    first = trainer.step()
+    assert first["skipped_updates"] == 4  # every minibatch of the poisoned iteration
+    for x, y in zip(before, leaves(trainer.state.params)):
+        np.testing.assert_array_equal(x, y)
+    second = trainer.step()
+    assert second["skipped_updates"] == 0
+    assert all(np.all(np.isfinite(x)) for x in leaves(trainer.state.params))
+    assert any(np.any(x != y) for x, y in zip(before, leaves(trainer.state.params)))
+
+
+def test_environment_failures_are_counted_not_fatal(tmp_path):
+    cfg = tiny_config(tmp_path, "sft.steps=20", "env.options={raise_task: 5}")
+    trainer = Trainer(cfg, policy_params=warm_start(cfg), log=lambda _: None)
+    trainer.tasks = lambda it: [(5, 0), (6, 0), (7, 0), (8, 0)]
+    metrics = trainer.step()
+    assert metrics["rollout/failed"] == 4  # the group of task 5
+    assert metrics["skipped_updates"] == 0
+
+
+def test_fresh_run_refuses_to_overwrite_checkpoints(tmp_path):
+    cfg = tiny_config(tmp_path, "sft.steps=20", "train.iterations=2")
+    Trainer(cfg, log=lambda _: None).fit()
+    with pytest.raises(ValueError, match="--resume"):
+        Trainer(cfg, log=lambda _: None).fit()
+
+
+def run_cli(*args, timeout=600, env=None):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    return subprocess.run([sys.executable, "-m", "tests.cli_with_test_envs", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_reports_bad_config_and_bad_checkpoint(tmp_path):
+    proc = run_cli("train", "--config", "configs/default.yaml", "algo.estimatr=grpo")
+    assert proc.returncode == 2 and "algo.estimatr" in proc.stderr and "estimator" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run_cli("train", "--config", str(tmp_path / "missing.yaml"))
+    assert proc.returncode == 2 and "missing.yaml" in proc.stderr
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    proc = run_cli("eval", "--checkpoint", str(ckpt))
+    assert proc.returncode == 2 and "no checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    help_text = run_cli("--help").stdout
+    assert all(cmd in help_text for cmd in ("demo", "sft", "train", "eval", "export"))
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
+    """A run killed after its first checkpoint resumes and finishes with the full metrics."""
+    args = ["train", "--config", "configs/default.yaml", *TINY, f"run_dir={tmp_path}", "train.iterations=4",
+            "train.checkpoint_every=1"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "tests.cli_with_test_envs", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "checkpoints"
+    import time
+
+    deadline = time.time() + 300
+    while time.time() < deadline and not (ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())):
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    assert ckpts.exists(), "the run never wrote a checkpoint"
+    done = run_cli(*args, "--resume")
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["iterations"] == 4
+    its = [r["iteration"] for r in read_metrics(str(tmp_path / "metrics.jsonl"))]
+    assert its == sorted(set(its)) and its[-1] == 3
+
+
+@pytest.mark.slow
+def test_sharded_training_matches_single_device(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    proc = subprocess.run([sys.executable, "-m", "tests.scripts.sharded_training", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "sharded == single" in proc.stdout
