@@ -1,8 +1,8 @@
 """Train-step benchmark: forward + backward + optax AdamW update of the decoder on next-token NLL.
 
-Reports tokens/s, achieved FLOP/s as a fraction of a matmul peak measured in the same run, and
+Reports tokens/s, achieved FLOP/s as a fraction of a matmul peak timed in the same rounds, and
 the same step in transformers PyTorch (same config, when torch is installed).
-Prints a table and writes benchmarks/out/train_step.json.
+Prints a table and writes benchmarks/out/train_step_<preset>_<dtype>.json.
     .venv/bin/python benchmarks/train_step.py [--quick] [--dtype bfloat16] [--preset qwen3_0_6b]
 """
 
@@ -24,17 +24,14 @@ from flax import nnx
 from steppo_jax.models import Decoder, ModelConfig, save_hf_checkpoint, token_logprobs
 
 
-def best_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
-def matmul_peak(dtype, n: int, repeats: int) -> float:
-    """FLOP/s of a chain of 8 dependent n x n matmuls (best of `repeats`)."""
+def matmul_chain(dtype, n: int):
+    """(run, flops): a jitted chain of 8 dependent n x n matmuls, the peak reference."""
     a = jax.random.normal(jax.random.key(0), (n, n), dtype) / np.sqrt(n)
 
     @jax.jit
@@ -43,9 +40,9 @@ def matmul_peak(dtype, n: int, repeats: int) -> float:
             x = x @ a
         return x
 
-    chain(a).block_until_ready()
-    t = best_time(lambda: chain(a).block_until_ready(), repeats)
-    return 8 * 2 * n ** 3 / t
+    run = lambda: chain(a).block_until_ready()  # noqa: E731
+    run()
+    return run, 8 * 2 * n ** 3
 
 
 def step_flops(cfg: ModelConfig, batch: int, seq: int) -> float:
@@ -59,9 +56,9 @@ def step_flops(cfg: ModelConfig, batch: int, seq: int) -> float:
     return 6 * matmul_params * tokens + attention
 
 
-def jax_step(cfg, batch, seq, repeats):
-    """Best step time of (fused: one donated program for grad + update, split: a grad program
-    then an update program)."""
+def jax_steps(cfg, batch, seq):
+    """Two ways to run the step: "fused" (grad + update in one donated program) and "split"
+    (a grad program, then an update program). Returns {name: run()} (compiled and warm)."""
     model = Decoder(cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     tx = optax.adamw(1e-4)
@@ -94,11 +91,12 @@ def jax_step(cfg, batch, seq, repeats):
         jax.block_until_ready(state[0])
 
     run_fused(), run_split()
-    return {"fused": best_time(run_fused, repeats), "split": best_time(run_split, repeats)}
+    return {"fused": run_fused, "split": run_split}
 
 
-def torch_step(cfg, batch, seq, repeats):
-    """The same step in transformers PyTorch, from the same initial weights (None without torch)."""
+def torch_step(cfg, batch, seq):
+    """The same step in transformers PyTorch from the same initial weights, as a warm run()
+    (None without torch)."""
     try:
         import torch
         import transformers
@@ -117,7 +115,7 @@ def torch_step(cfg, batch, seq, repeats):
         opt.step()
 
     run()
-    return best_time(run, repeats)
+    return run
 
 
 def main():
@@ -141,31 +139,35 @@ def main():
     b, t = args.batch, args.seq
 
     n = 1024 if args.quick else (8192 if jax.default_backend() == "gpu" else 2048)
-    peak = matmul_peak(cfg.jnp_dtype, n, reps)
-    times = jax_step(cfg, b, t, reps)
-    peak = max(peak, matmul_peak(cfg.jnp_dtype, n, reps))  # before and after: robust to noise
-    t_jax = min(times.values())
+    peak_run, peak_flops = matmul_chain(cfg.jnp_dtype, n)
+    runs = {"peak": peak_run, **jax_steps(cfg, b, t)}
+    if not args.no_torch and (torch_run := torch_step(cfg, b, t)):
+        runs["torch"] = torch_run
+    # Rounds interleave every measurement, so each round's ratios see the same machine load.
+    rounds = [{name: timed(run) for name, run in runs.items()} for _ in range(reps)]
     flops = step_flops(cfg, b, t)
-    t_torch = None if args.no_torch else torch_step(cfg, b, t, reps)
+    for r in rounds:
+        r["step"] = min(r["fused"], r["split"])
+        r["mfu"] = flops / r["step"] / (peak_flops / r["peak"])
+        if "torch" in r:
+            r["speedup_vs_torch"] = r["torch"] / r["step"]
+    med = {k: float(np.median([r[k] for r in rounds])) for k in rounds[0]}
 
     result = dict(config=cfg.__dict__ | {"params": cfg.num_params()}, batch=b, seq=t,
                   backend=jax.default_backend(), device=str(jax.devices()[0]),
                   machine=platform.processor() or platform.machine(), cpus=os.cpu_count(),
-                  matmul_peak_flops=peak, step_s=times, tokens_per_s=b * t / t_jax,
-                  step_flops=flops, achieved_flops=flops / t_jax, mfu=flops / t_jax / peak,
-                  torch_step_s=t_torch,
-                  torch_tokens_per_s=b * t / t_torch if t_torch else None,
-                  speedup_vs_torch=t_torch / t_jax if t_torch else None)
+                  step_flops=flops, matmul_peak_flops=peak_flops / med["peak"],
+                  tokens_per_s=b * t / med["step"], median=med, rounds=rounds)
     print(f"\ntrain step ({jax.default_backend()}, {cfg.num_params() / 1e6:.1f}M params, "
-          f"{cfg.dtype}, B={b} T={t})")
-    rows = [("matmul peak GFLOP/s", peak / 1e9),
-            ("step time, fused grad+update (s)", times["fused"]),
-            ("step time, grad then update (s)", times["split"]),
-            ("tokens/s (best)", b * t / t_jax), ("achieved GFLOP/s", flops / t_jax / 1e9),
-            ("MFU vs measured matmul peak", flops / t_jax / peak)]
-    if t_torch:
-        rows += [("torch step time (s)", t_torch), ("torch tokens/s", b * t / t_torch),
-                 ("speedup steppo / torch", t_torch / t_jax)]
+          f"{cfg.dtype}, B={b} T={t}); medians over {reps} interleaved rounds")
+    rows = [("matmul peak GFLOP/s", peak_flops / med["peak"] / 1e9),
+            ("step time, fused grad+update (s)", med["fused"]),
+            ("step time, grad then update (s)", med["split"]),
+            ("tokens/s", b * t / med["step"]), ("achieved GFLOP/s", flops / med["step"] / 1e9),
+            ("MFU vs same-round matmul peak", med["mfu"])]
+    if "torch" in med:
+        rows += [("torch step time (s)", med["torch"]), ("torch tokens/s", b * t / med["torch"]),
+                 ("speedup steppo / torch", med["speedup_vs_torch"])]
     for name, v in rows:
         print(f"{name:<36}{v:>14.3f}")
     out_dir = os.path.join(os.path.dirname(__file__), "out")

@@ -18,11 +18,6 @@ ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def dtype_name(dtype) -> str:
-    """Canonical name of a float dtype ('float32', 'bfloat16', ...)."""
-    return jnp.dtype(dtype).name
-
-
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Hyper-parameters of a Llama3 / Qwen2 / Qwen3 decoder.

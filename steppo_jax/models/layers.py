@@ -23,7 +23,8 @@ MLP_ACT = ("batch", "length", "mlp")
 
 
 def param(rngs: nnx.Rngs | None, shape, names, dtype, init: str = "normal") -> nnx.Param:
-    """A parameter with logical axis names; init is 'normal' (std 0.02), 'ones' or 'zeros'."""
+    """A parameter with logical axis names; init is 'normal' (std 0.02, needs rngs), 'ones' or
+    'zeros'."""
     if init == "normal":
         value = 0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)
     elif init == "ones":
@@ -43,9 +44,9 @@ def use_weight(p: nnx.Param, dtype) -> jax.Array:
 class RMSNorm(nnx.Module):
     """y = x / sqrt(mean(x^2) + eps) * w over the last axis, statistics in float32."""
 
-    def __init__(self, dim: int, eps: float, dtype, *, rngs: nnx.Rngs | None = None):
+    def __init__(self, dim: int, eps: float, dtype):
         self.eps = eps
-        self.weight = param(rngs, (dim,), ("norm",), dtype, "ones")
+        self.weight = param(None, (dim,), ("norm",), dtype, "ones")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
