@@ -83,7 +83,8 @@ class Sampler:
         # attend only over the cache prefix this call can reach (power-of-two buckets, >= 128)
         reach = int(np.max(np.where(active, lengths + lens + 1 + self.max_new_tokens, 1)))
         span = min(self.capacity, bucket(reach, 128))
-        tok = np.zeros((b, bucket(int(lens.max(initial=1)))), np.int32)
+        # width + 1 (the pending token generate prepends) is a power of two
+        tok = np.zeros((b, bucket(int(lens.max(initial=0)) + 1) - 1), np.int32)
         for r in np.flatnonzero(active):
             tok[r, :lens[r]] = new_tokens[r]
         stops = self._stop_array(stop_ids)
