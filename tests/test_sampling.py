@@ -167,3 +167,15 @@ def test_select_tokens_filters():
     tok, lp = select_tokens(logits, keys, SamplingParams(greedy=True, temperature=2.0))
     assert (np.asarray(tok) == 0).all()
     np.testing.assert_allclose(lp, jax.nn.log_softmax(logits[0] / 2.0)[0], atol=1e-6)
+
+
+def test_bf16_sampler_close_to_trainer():
+    cfg = CFG.replace(param_dtype="bfloat16", dtype="bfloat16")
+    m = Decoder(cfg, rngs=nnx.Rngs(0))
+    s = Sampler(m, batch_size=2, capacity=64, max_new_tokens=6, sampling=SamplingParams(greedy=True))
+    out = s.step([[1, 2, 3], [4]], [], jax.random.key(0), reset=True)
+    assert s.state.kv[0][0].dtype == jnp.bfloat16
+    for r, p in enumerate([[1, 2, 3], [4]]):
+        seq = jnp.asarray([p + out.tokens[r]])
+        lp = np.asarray(token_logprobs(m(seq), seq))[0, len(p):]
+        np.testing.assert_allclose(out.logprobs[r], lp, atol=0.05)
