@@ -103,7 +103,11 @@ class Sampler:
         )
 
     def _stop_array(self, stop_ids) -> np.ndarray:
-        per_row = stop_ids if stop_ids and isinstance(stop_ids[0], (list, tuple, np.ndarray)) else [stop_ids] * self.batch_size
+        stop_ids = list(stop_ids)
+        nested = len(stop_ids) > 0 and not np.isscalar(stop_ids[0])
+        per_row = [list(ids) for ids in stop_ids] if nested else [stop_ids] * self.batch_size
+        if len(per_row) != self.batch_size:
+            raise ValueError(f"expected {self.batch_size} per-row stop id lists, got {len(per_row)}")
         out = np.full((self.batch_size, self.max_stop_ids), -1, np.int32)
         for r, ids in enumerate(per_row):
             if len(ids) > self.max_stop_ids:
