@@ -28,7 +28,6 @@ RULES: dict[str, tuple[str, ...] | None] = {
     "head_dim": None,
     "norm": None,
     "length": None,
-    "layers": None,
 }
 
 
