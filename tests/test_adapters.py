@@ -118,13 +118,13 @@ def finish_with_expert(env):
     ("textarena", {}, format_tool_call("play", {"move": "[3]"})),
     ("textworld", {}, format_tool_call("execute", {})),
 ], ids=["enum", "type", "argument-name", "missing-argument"])
-def test_wrong_arguments_are_rejected_and_repeated_errors_truncate(name, options, call,
+def test_wrong_arguments_are_rejected_and_repeated_errors_end_the_episode(name, options, call,
                                                                    tw_cache):
     env = build(name, tw_cache, max_invalid_calls=2, **options)
     env.reset(0, 0)
     first, second = env.step(call), env.step(call)
-    assert first.info["invalid_call"] and not first.truncated
-    assert second.truncated and second.info["truncated_reason"] == "invalid_calls"
+    assert first.info["invalid_call"] and not first.done
+    assert second.done and not second.truncated and second.info["ended_reason"] == "invalid_calls"
     assert not second.info["success"]
 
 

@@ -14,17 +14,6 @@ from tests.step_data import packed_batch, random_trajectories
 ATOL = 1e-5
 
 
-@pytest.fixture(params=[False, True], ids=["eager", "jit"])
-def variant(request):
-    """Runs a kernel eagerly or under jit (static keyword arguments bound first)."""
-
-    def wrap(fn, **static):
-        f = functools.partial(fn, **static)
-        return jax.jit(f) if request.param else f
-
-    return wrap
-
-
 def ragged(seed, num=13, S=5):
     rng = np.random.default_rng(seed)
     batch = packed_batch(random_trajectories(rng, num, S), S, seed=seed)

@@ -36,17 +36,17 @@ def test_bad_reply_becomes_an_error_observation_with_penalty(env, reply, fragmen
     assert result.anchor == anchor
 
 
-def test_consecutive_invalid_calls_truncate_and_a_valid_call_resets_the_count(env):
-    assert not env.step("").truncated
-    assert not env.step("no call").truncated
+def test_consecutive_invalid_calls_end_the_episode_and_a_valid_call_resets_the_count(env):
+    assert not env.step("").done
+    assert not env.step("no call").done
     assert not env.step(SEARCH).info["invalid_call"]
-    assert not env.step("").truncated
-    assert not env.step("").truncated
+    assert not env.step("").done
+    assert not env.step("").done
     last = env.step("")
-    assert last.truncated and not last.done
-    assert last.info["truncated_reason"] == "invalid_calls"
+    assert last.done and not last.truncated  # a failure of the agent: terminal, nothing to bootstrap
+    assert last.info["ended_reason"] == "invalid_calls"
     assert last.info["success"] is False and last.info["steps"] == 6
-    assert last.messages and last.messages[0]["role"] == "tool"
+    assert not last.messages and "Error" in last.info["feedback"]
 
 
 def test_max_invalid_calls_zero_never_truncates_for_invalid_calls():

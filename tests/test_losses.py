@@ -1,6 +1,5 @@
 """Loss kernels: values and gradients against the float64 reference and hand computation."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -10,15 +9,6 @@ import pytest
 from steppo_jax import losses
 from tests import reference as ref
 from tests.step_data import packed_batch, random_trajectories
-
-
-@pytest.fixture(params=[False, True], ids=["eager", "jit"])
-def variant(request):
-    def wrap(fn, **static):
-        f = functools.partial(fn, **static)
-        return jax.jit(f) if request.param else f
-
-    return wrap
 
 
 def policy_inputs(seed, S=4):

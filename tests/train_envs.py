@@ -13,9 +13,9 @@ TARGET = ["green", "gold"]
 
 
 class ChainEnv(ToolEnv):
-    """Two picks among four colours; reward 1 at the end only if both picks were right
-    (the same target for every task: a sparse, multi-step credit problem a tiny model can
-    learn in a few iterations). ``nan_task`` makes that task's rewards NaN (fault tests);
+    """Two picks among four colours; each right pick earns 0.5, success is both right (the
+    same target for every task: a two-step credit problem a tiny model learns in a few
+    iterations). ``nan_task`` makes that task's rewards NaN (fault tests);
     ``raise_task`` makes its steps raise."""
 
     name = "chain_test"
@@ -31,10 +31,10 @@ class ChainEnv(ToolEnv):
 
     def _run_tool(self, call: ToolCall) -> ToolOutcome:
         self.picks.append(call.arguments["colour"])
+        reward = 0.5 * (self.picks[-1] == TARGET[len(self.picks) - 1])
         if len(self.picks) < 2:
-            return ToolOutcome(f"You picked {self.picks[-1]}.")
-        success = self.picks == TARGET
-        return ToolOutcome("Done.", reward=float(success), done=True, success=success)
+            return ToolOutcome(f"You picked {self.picks[-1]}.", reward=reward)
+        return ToolOutcome("Done.", reward=reward, done=True, success=self.picks == TARGET)
 
     def step(self, action_text: str):
         if self.task_id == self.raise_task:

@@ -31,8 +31,9 @@ Public API (stable; adapters import it):
 
 ``ToolEnv``: a base class for tool-using environments. It parses every reply, turns a bad reply
 (malformed, unknown tool, wrong arguments, empty, longer than ``max_reply_chars``) into an error
-observation with reward ``-invalid_penalty``, truncates the episode after ``max_invalid_calls``
-consecutive bad replies or at ``max_steps``, and hands valid calls to the subclass.
+observation with reward ``-invalid_penalty``, ends the episode as a failure (a terminal state,
+``info["ended_reason"] = "invalid_calls"``) after ``max_invalid_calls`` consecutive bad replies,
+truncates it at ``max_steps``, and hands valid calls to the subclass.
 """
 
 from __future__ import annotations
@@ -243,7 +244,7 @@ class ToolEnv:
     Options shared by every tool environment:
       max_steps: steps before the episode is truncated.
       invalid_penalty: subtracted from the reward of a bad reply.
-      max_invalid_calls: consecutive bad replies that truncate the episode (0 = never).
+      max_invalid_calls: consecutive bad replies that end the episode as a failure (0 = never).
       max_reply_chars: longer replies are rejected as bad replies.
       allow_final_answer: a reply without a tool call is graded as the final answer.
     """
@@ -310,11 +311,12 @@ class ToolEnv:
             outcome = (self._run_tool(parsed.call) if parsed.kind == "call"
                        else self._final_answer(parsed.text))
         info.update(outcome.info)
-        too_many_invalid = 0 < self.max_invalid_calls <= self._invalid_streak
-        truncated = not outcome.done and (too_many_invalid or self._steps >= self.max_steps)
-        if too_many_invalid and truncated:
-            info["truncated_reason"] = "invalid_calls"
-        elif truncated:
+        if 0 < self.max_invalid_calls <= self._invalid_streak and not outcome.done:
+            # The agent's own failure: a terminal state (no value to bootstrap), not a cut-off.
+            outcome = dataclasses.replace(outcome, done=True, success=False)
+            info["ended_reason"] = "invalid_calls"
+        truncated = not outcome.done and self._steps >= self.max_steps
+        if truncated:
             info["truncated_reason"] = "max_steps"
         if outcome.done or truncated:
             self._finished = True

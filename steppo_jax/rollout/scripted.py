@@ -38,7 +38,10 @@ class ScriptedSampler:
             if new is not None:
                 context = self.tokenizer.decode(list(new), skip_special_tokens=True)
                 ids = self.tokenizer.encode(self.reply(row, self._step, context), add_special_tokens=False)
-                ids = ids[: self.max_new_tokens - 1] + [stop_ids[0]]
+                if len(ids) >= self.max_new_tokens:  # a cut demonstration would teach broken replies
+                    raise ValueError(f"a scripted reply of {len(ids)} tokens (+1 end of turn) exceeds "
+                                     f"max_new_tokens={self.max_new_tokens}; raise rollout.max_new_tokens")
+                ids = ids + [stop_ids[0]]
             tokens.append(ids)
             logprobs.append(np.zeros(len(ids), np.float32))
         self._step += 1

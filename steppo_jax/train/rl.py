@@ -30,7 +30,15 @@ from steppo_jax.train.update import TrainBatch, assign_credit, make_update, scor
 
 
 def load_policy_params(path: str, like):
-    """Policy parameters from a checkpoint directory written by ``steppo sft`` or ``train``."""
+    """Policy parameters from a checkpoint directory written by ``steppo sft`` or
+    ``scripts/make_warm_start.py``; a relative path is also tried from the package's parent
+    directory (so the shipped ``steppo_jax/assets/warm_start`` resolves from anywhere)."""
+    if not os.path.isdir(path):
+        packaged = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.pardir, path)
+        if not os.path.isabs(path) and os.path.isdir(packaged):
+            path = packaged
+        else:
+            raise CheckpointError(f"warm-start checkpoint directory not found: {path}")
     manager = CheckpointManager(path)
     step = manager.latest_step()
     if step is None:

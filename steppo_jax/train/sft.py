@@ -64,7 +64,8 @@ def _run_sft(runtime: Runtime, models: Models, policy_params, log):
     demos = collect_demos(runtime, s.num_demos, noise=s.noise, first_task=s.seed_offset)
     if not demos:
         raise RuntimeError("SFT collected no usable demonstrations (every episode failed)")
-    batch = packed_batch(demos, cfg.env.max_steps)
+    longest = max(len(r.tokens) for r in demos)
+    batch = packed_batch(demos, cfg.env.max_steps, seq_len=-(-longest // 64) * 64)  # one shape for every step
     demo_success = float(np.mean([r.success for r in demos]))
     log(f"sft: {len(demos)} demonstrations ({demo_success:.0%} successful, noise {s.noise}), "
         f"{int(batch.action_mask.sum())} action tokens, collected in {time.perf_counter() - t0:.1f}s")
