@@ -120,7 +120,7 @@ def run_cli(*args, timeout=600, env=None):
 
 
 def test_cli_reports_bad_config_and_bad_checkpoint(tmp_path):
-    proc = run_cli("train", "--config", "configs/default.yaml", "algo.estimatr=grpo")
+    proc = run_cli("train", "--config", "configs/default.yaml", "algo.estimatr=grpo")  # a typo in a key
     assert proc.returncode == 2 and "algo.estimatr" in proc.stderr and "estimator" in proc.stderr
     assert "Traceback" not in proc.stderr
     proc = run_cli("train", "--config", str(tmp_path / "missing.yaml"))
@@ -129,6 +129,8 @@ def test_cli_reports_bad_config_and_bad_checkpoint(tmp_path):
     ckpt.mkdir()
     proc = run_cli("eval", "--checkpoint", str(ckpt))
     assert proc.returncode == 2 and "no checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("train", "--config", "configs/default.yaml", "env.options={colour: 3}")
+    assert proc.returncode == 2 and "env.options" in proc.stderr and "Traceback" not in proc.stderr
     help_text = run_cli("--help").stdout
     assert all(cmd in help_text for cmd in ("demo", "sft", "train", "eval", "export"))
 
@@ -136,7 +138,7 @@ def test_cli_reports_bad_config_and_bad_checkpoint(tmp_path):
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     """A run killed after its first checkpoint resumes and finishes with the full metrics."""
     args = ["train", "--config", "configs/default.yaml", *TINY, f"run_dir={tmp_path}", "train.iterations=4",
-            "train.checkpoint_every=1"]
+            "train.checkpoint_every=1", "model.warm_start=null", "env.options={}"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-m", "tests.cli_with_test_envs", *args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -145,6 +147,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
 
     deadline = time.time() + 300
     while time.time() < deadline and not (ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())):
+        assert proc.poll() is None, "the run exited before its first checkpoint"
         time.sleep(0.2)
     proc.kill()
     proc.wait()

@@ -60,8 +60,9 @@ class Trainer:
             raise ValueError(f"rollout.tasks_per_iter x rollout.group_size = {self.batch_size} trajectories must split "
                              f"into optim.minibatches={o.minibatches} minibatches of a multiple of {n_dev} devices")
         self.models, params = build_models(cfg, len(self.rt.tokenizer), self.rt.mesh)
-        if policy_params is not None:  # copied: the update donates its state, never the caller's arrays
-            params["policy"] = copy_tree(policy_params)
+        if policy_params is not None:  # copied onto this mesh: the update donates its own state only
+            params["policy"] = jax.tree.map(lambda x, t: jax.device_put(x, t.sharding, may_alias=False),
+                                            policy_params, params["policy"])
         elif cfg.model.warm_start:
             params["policy"] = load_policy_params(cfg.model.warm_start, params["policy"])
         self.ref_params = copy_tree(params["policy"]) if cfg.algo.kl_coef else None

@@ -13,7 +13,7 @@ from steppo_jax import envs
 from steppo_jax.rollout import RolloutEngine, RolloutSettings, TrajectoryRecord, packed_batch, step_rows_batch
 from steppo_jax.sampling import Sampler, SamplingParams
 from steppo_jax.tokenizer import load_tokenizer
-from steppo_jax.train.config import Config
+from steppo_jax.train.config import Config, ConfigError
 from steppo_jax.train.state import make_mesh
 from steppo_jax.types import StepBatch
 
@@ -34,7 +34,10 @@ class Runtime:
         """Builds the configured environment; rollout limits apply unless options override them."""
         e = self.cfg.env
         options = {"max_steps": e.max_steps, "max_invalid_calls": e.max_invalid_calls, **e.options}
-        envs.make(e.name, **options)  # fail early, with the registry's message, on a bad name or option
+        try:  # fail early, naming the config field, on a bad name or option
+            envs.make(e.name, **options)
+        except (KeyError, TypeError) as err:
+            raise ConfigError(f"env.name / env.options: {err.args[0] if err.args else err}") from None
         return lambda: envs.make(e.name, **options)
 
     def settings(self) -> RolloutSettings:
