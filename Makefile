@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(VENV)/bin/steppo demo
 
 bench: $(STAMP)
-	$(PY) benchmarks/credit.py
+	PYTHONPATH=. $(PY) benchmarks/credit.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -4,8 +4,8 @@ For each estimator: our jitted kernel, a per-trajectory loop implementation in P
 (benchmarks/loop_baselines.py) and a device memory copy of the same bytes, all measured
 in this run. Prints a table and writes JSON to benchmarks/out/credit.json.
 
-    .venv/bin/python benchmarks/credit.py            # the three workloads of issue 2
-    .venv/bin/python benchmarks/credit.py --quick    # small sizes, for a smoke run
+    PYTHONPATH=. .venv/bin/python benchmarks/credit.py            # the three workloads of issue 2
+    PYTHONPATH=. .venv/bin/python benchmarks/credit.py --quick    # small sizes, for a smoke run
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import timing
 from steppo_jax.estimators import ESTIMATORS, EstimatorConfig
 from steppo_jax.types import StepBatch
 
@@ -59,13 +60,8 @@ def make_batch(B: int, S: int, L: int, seed: int = 0):
 
 
 def best_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    fn()  # compile
+    return timing.best_time(fn, repeats)
 
 
 def token_bytes(name: str, batch: StepBatch, values) -> int:

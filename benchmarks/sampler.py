@@ -15,25 +15,15 @@ import json
 import os
 import platform
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks.timing import best_time
 from steppo_jax.models import Decoder, ModelConfig, save_hf_checkpoint
 from steppo_jax.sampling import Sampler, SamplingParams
-
-
-def best_time(fn, repeats: int) -> float:
-    """Minimum wall time over `repeats` calls of fn() (which must block on its result)."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def no_cache_decoder(graphdef, prompt_len: int, new: int):

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from benchmarks.timing import best_time
 from steppo_jax.rollout import TrajectoryRecord, packed_batch, step_rows_batch
 from steppo_jax.train.config import load_config
 from steppo_jax.train.state import build_models, init_state, make_mesh, make_optimizer
@@ -43,16 +45,6 @@ def trajectories(num: int, steps: int, *, prompt: int = 128, reply: int = 32, ob
     return out
 
 
-def timed(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def iteration_time(cfg, models, state, tx, batch, repeats: int) -> float:
     update = jax.jit(make_update(models, cfg.algo, 1.0, tx))
 
@@ -65,7 +57,8 @@ def iteration_time(cfg, models, state, tx, batch, repeats: int) -> float:
                         batch.value_pos, batch.slot_mask(), credit.returns_bs, batch.segment_ids)
         return update(state, mb)[1]["loss"]
 
-    return timed(run, repeats)
+    jax.block_until_ready(run())  # compile
+    return best_time(lambda: jax.block_until_ready(run()), repeats)
 
 
 def main():
@@ -86,8 +79,9 @@ def main():
             recs = trajectories(args.trajectories, k)
             packed = packed_batch(recs, k)
             per_step = step_rows_batch(recs, k, num_rows=args.trajectories * k)
-            t_packed = iteration_time(cfg, models, state, tx, jax.device_put(packed), args.repeats)
-            t_rows = iteration_time(cfg, models, state, tx, jax.device_put(per_step), args.repeats)
+            rows_sharding = NamedSharding(mesh, P(("data", "fsdp")))  # as the trainer places batches
+            t_packed = iteration_time(cfg, models, state, tx, jax.device_put(packed, rows_sharding), args.repeats)
+            t_rows = iteration_time(cfg, models, state, tx, jax.device_put(per_step, rows_sharding), args.repeats)
             row = dict(steps=k, packed_tokens=int(packed.tokens.size), rows_tokens=int(per_step.tokens.size),
                        real_tokens_packed=int(packed.seq_lens.sum()), real_tokens_rows=int(per_step.seq_lens.sum()),
                        packed_s=t_packed, rows_s=t_rows, speedup=t_rows / t_packed)

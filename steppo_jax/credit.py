@@ -252,8 +252,9 @@ def whiten_rows(x_b, counts_b, mask_bt, *, eps: float = 1e-8):
     return jnp.where(mask_bt, z[:, None], 0.0)
 
 
-def _replicated(x: jax.Array) -> jax.Array:
-    """Gathers an explicitly sharded array (sorting needs the whole axis on each device)."""
+def replicated(x: jax.Array) -> jax.Array:
+    """Gathers an explicitly sharded array onto every device (a no-op otherwise): for the
+    few ops (sorts, scatters across rows) whose output sharding JAX cannot infer."""
     spec = getattr(jax.typeof(x).sharding, "spec", None)
     if spec is not None and any(s is not None for s in spec):
         return jax.sharding.reshard(x, PartitionSpec())
@@ -292,10 +293,10 @@ def gigpo_advantages(rewards_bs, step_mask_bs, group_ids_b, anchor_ids_bs, *, ga
     episode = grpo_advantages(scores, group_ids_b, num_groups=num_groups or B, eps=eps)
 
     returns = discounted_returns(rewards_bs, mask, gamma=gamma)
-    g = _replicated(jnp.broadcast_to(group_ids_b[:, None], (B, S)).reshape(-1))
-    a = _replicated(anchor_ids_bs.reshape(-1))
-    valid = _replicated(mask.reshape(-1))
-    ret = _replicated(returns.reshape(-1))
+    g = replicated(jnp.broadcast_to(group_ids_b[:, None], (B, S)).reshape(-1))
+    a = replicated(anchor_ids_bs.reshape(-1))
+    valid = replicated(mask.reshape(-1))
+    ret = replicated(returns.reshape(-1))
     seg = _pair_segments(g, a, valid)
     n = B * S
     count = jax.ops.segment_sum(valid.astype(ret.dtype), seg, n)

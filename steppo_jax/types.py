@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from steppo_jax.credit import replicated
+
 
 @struct.dataclass
 class StepBatch:
@@ -133,19 +135,20 @@ class StepBatch:
         last = jnp.maximum(self.seq_lens - 1, 0)
         if self.packed:
             return jnp.arange(self.batch_size), last
-        n_steps = jnp.sum(self.step_mask, axis=1)
-        is_last = (self.traj_index >= 0) & (self.step_index == n_steps[jnp.maximum(self.traj_index, 0)] - 1)
+        # Cross-row gathers: done on replicated copies (cheap [B, S_row] and [N] arrays).
+        ti, si = replicated(self.traj_index), replicated(self.step_index)
+        n_steps = replicated(jnp.sum(self.step_mask, axis=1))
+        is_last = (ti >= 0) & (si == n_steps[jnp.maximum(ti, 0)] - 1)
         rows = jnp.broadcast_to(jnp.arange(self.batch_size)[:, None], is_last.shape)
-        row_of_last = rows_to_grid(rows, jnp.where(is_last, self.traj_index, -1), jnp.zeros_like(self.step_index),
-                                   self.num_traj, 1)[:, 0]
-        return row_of_last, last[row_of_last]
+        row_of_last = rows_to_grid(rows, jnp.where(is_last, ti, -1), jnp.zeros_like(si), self.num_traj, 1)[:, 0]
+        return row_of_last, replicated(last)[row_of_last]
 
     def bootstrap_values(self, values_bt: jax.Array) -> jax.Array:
         """[N] critic values at ``bootstrap_index()`` (a row-local read when packed)."""
         row, pos = self.bootstrap_index()
         if self.packed:
             return jnp.take_along_axis(values_bt, pos[:, None], axis=1)[:, 0]
-        return values_bt[row, pos]
+        return replicated(values_bt)[row, pos]
 
 
 def rows_to_grid(x_bs, traj_index_bs, step_index_bs, num_traj: int, num_steps: int):
@@ -153,6 +156,7 @@ def rows_to_grid(x_bs, traj_index_bs, step_index_bs, num_traj: int, num_steps: i
 
     Cells no slot maps to are 0. Each valid grid cell must be covered by exactly one slot.
     """
+    x_bs, traj_index_bs, step_index_bs = (replicated(a) for a in (x_bs, traj_index_bs, step_index_bs))
     valid = (traj_index_bs >= 0) & (step_index_bs >= 0)
     flat = jnp.where(valid, traj_index_bs * num_steps + step_index_bs, num_traj * num_steps)
     out = jnp.zeros((num_traj * num_steps,), x_bs.dtype)
@@ -162,8 +166,9 @@ def rows_to_grid(x_bs, traj_index_bs, step_index_bs, num_traj: int, num_steps: i
 
 def grid_to_rows(x_ns, traj_index_bs, step_index_bs):
     """Gather grid values ``[N, S]`` into slots ``[B, S_row]``; unused slots get 0."""
+    traj_index_bs, step_index_bs = replicated(traj_index_bs), replicated(step_index_bs)
     valid = (traj_index_bs >= 0) & (step_index_bs >= 0)
-    vals = x_ns[jnp.maximum(traj_index_bs, 0), jnp.maximum(step_index_bs, 0)]
+    vals = replicated(x_ns)[jnp.maximum(traj_index_bs, 0), jnp.maximum(step_index_bs, 0)]
     return jnp.where(valid, vals, jnp.zeros_like(vals))
 
 

@@ -12,7 +12,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E4
 
 from steppo_jax import losses  # noqa: E402
 from steppo_jax.estimators import ESTIMATORS, EstimatorConfig  # noqa: E402
-from tests.step_data import packed_batch, random_trajectories  # noqa: E402
+from tests.step_data import packed_batch, random_trajectories, step_rows_batch  # noqa: E402
 
 CFG = EstimatorConfig(gamma=0.95, lam=0.9)
 
@@ -48,6 +48,12 @@ def main():
     logp = (batch.old_logp + 0.1 * rng.normal(size=(B, T))).astype(np.float32)
     logits = rng.normal(size=(B, T, V)).astype(np.float32)
     expected = jax.jit(everything)(batch, values, logp, logits)
+    # Per-step rows of the same kind of trajectories through every step-level estimator.
+    rows = step_rows_batch(random_trajectories(rng, B, S, num_groups=5, final_obs=False), S, num_rows=48)
+    row_values = rng.normal(size=rows.tokens.shape).astype(np.float32)
+    step_level = [n for n in ESTIMATORS if n != "token_gae"]
+    rows_fn = jax.jit(lambda b, v: {n: ESTIMATORS[n].fn(b, v, CFG).advantages_bt for n in step_level})
+    rows_expected = rows_fn(rows, row_values)
     checked = 0
     for axis_type in (AxisType.Explicit, AxisType.Auto):
         for shape, names, batch_axes in (((8,), ("data",), "data"), ((4, 2), ("data", "fsdp"), ("data", "fsdp"))):
@@ -56,6 +62,11 @@ def main():
                 sharding = NamedSharding(mesh, P(batch_axes))
                 args = jax.device_put((batch, values, logp, logits), sharding)
                 got = jax.jit(everything)(*args)
+                rows_got = rows_fn(*jax.device_put((rows, row_values), sharding))
+            for key, want in rows_expected.items():
+                np.testing.assert_allclose(np.asarray(rows_got[key]), np.asarray(want), atol=1e-5, rtol=1e-5,
+                                           err_msg=f"per-step rows {key} on mesh {shape} {axis_type}")
+                checked += 1
             for key, want in expected.items():
                 np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want), atol=1e-5, rtol=1e-5,
                                            err_msg=f"{key} on mesh {shape} {axis_type}")
