@@ -34,7 +34,8 @@ def cmd_sft(args) -> dict:
     models, params = build_models(cfg, len(rt.tokenizer), rt.mesh)
     policy, stats = run_sft(rt, models, params["policy"])
     path = os.path.join(cfg.run_dir, "sft")
-    CheckpointManager(path, keep=1).save(cfg.sft.steps, {"policy": policy}, stats)
+    with CheckpointManager(path, keep=1) as manager:
+        manager.save(cfg.sft.steps, {"policy": policy}, stats)
     print(f"sft checkpoint: {path}  (train from it with model.warm_start={path})")
     return {"policy": policy, **stats}
 
@@ -44,7 +45,10 @@ def cmd_train(args, policy_params=None) -> dict:
 
     cfg = _config(args)
     trainer = Trainer(cfg, policy_params=policy_params)
-    summary = trainer.fit(resume=args.resume)
+    try:
+        summary = trainer.fit(resume=args.resume)
+    finally:
+        trainer.ckpt.close()
     print(json.dumps(summary, indent=1))
     print(f"run directory: {cfg.run_dir} (metrics.jsonl, curves.png, summary.json, checkpoints/)")
     return summary
@@ -69,11 +73,11 @@ def _trainer_from_checkpoint(path: str):
 
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory not found: {path}")
-    manager = CheckpointManager(path)
-    step = manager.latest_step()
-    if step is None:
-        raise CheckpointError(f"no checkpoint found in {path}")
-    _, meta = manager.restore(step)
+    with CheckpointManager(path) as manager:  # closed before any error: no orbax threads left at exit
+        step = manager.latest_step()
+        if step is None:
+            raise CheckpointError(f"no checkpoint found in {path}")
+        _, meta = manager.restore(step)
     if "config" not in meta:
         raise CheckpointError(f"{path} holds no run config (is it an SFT checkpoint? train from it instead)")
     cfg = config_from_dict(meta["config"])
@@ -87,6 +91,7 @@ def _trainer_from_checkpoint(path: str):
 def cmd_eval(args) -> dict:
     trainer = _trainer_from_checkpoint(args.checkpoint)
     stats = trainer.evaluate()
+    trainer.ckpt.close()
     print(json.dumps({"iteration": trainer.iteration, **stats}, indent=1))
     return stats
 
@@ -98,6 +103,7 @@ def cmd_export(args) -> None:
 
     trainer = _trainer_from_checkpoint(args.checkpoint)
     model = nnx.merge(trainer.models.policy_def, trainer.state.params["policy"])
+    trainer.ckpt.close()
     save_hf_checkpoint(model, args.out)
     trainer.rt.tokenizer.save_pretrained(args.out)
     print(f"exported the policy to {args.out}")

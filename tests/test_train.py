@@ -158,6 +158,14 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     assert summary["iterations"] == 4
     its = [r["iteration"] for r in read_metrics(str(tmp_path / "metrics.jsonl"))]
     assert its == sorted(set(its)) and its[-1] == 3
+    # The finished run can be evaluated and exported from its checkpoints.
+    ev = run_cli("eval", "--checkpoint", str(ckpts))
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    assert json.loads(ev.stdout[ev.stdout.index("{"):])["iteration"] == 4
+    out = tmp_path / "hf"
+    ex = run_cli("export", "--checkpoint", str(ckpts), "--out", str(out))
+    assert ex.returncode == 0, ex.stderr[-2000:]
+    assert (out / "config.json").exists() and any(out.glob("*.safetensors")) and (out / "tokenizer.json").exists()
 
 
 @pytest.mark.slow

@@ -100,6 +100,11 @@ class CheckpointManager:
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, enable_async_checkpointing=False,
                 cleanup_tmp_directories=True, create=True))
+        # The temporary-directory cleanup runs in a background thread: finish it now, or a
+        # process that exits right away (a CLI error) races it at interpreter shutdown.
+        cleanup = getattr(self._manager, "_cleanup_tmp_directory_future", None)
+        if cleanup is not None:
+            cleanup.result()
 
     def save(self, step: int, state: Any, meta: dict) -> None:
         """Saves ``state`` and the JSON-serialisable ``meta`` as ``step``; returns once committed."""
@@ -111,7 +116,9 @@ class CheckpointManager:
             raise CheckpointError(f"step {step} already exists in {self.directory}")
         self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
-        self._manager.wait_until_finished()
+        cleanup = getattr(self._manager, "_cleanup_tmp_directory_future", None)
+        if cleanup is not None:
+            cleanup.result()
 
     def all_steps(self) -> list[int]:
         """Committed steps on disk, ascending."""

@@ -39,11 +39,11 @@ def load_policy_params(path: str, like):
             path = packaged
         else:
             raise CheckpointError(f"warm-start checkpoint directory not found: {path}")
-    manager = CheckpointManager(path)
-    step = manager.latest_step()
-    if step is None:
-        raise CheckpointError(f"no checkpoint found in {path}")
-    state, _ = manager.restore(step, target={"policy": abstract_like(like)})
+    with CheckpointManager(path) as manager:
+        step = manager.latest_step()
+        if step is None:
+            raise CheckpointError(f"no checkpoint found in {path}")
+        state, _ = manager.restore(step, target={"policy": abstract_like(like)})
     return state["policy"]
 
 
