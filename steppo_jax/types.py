@@ -190,13 +190,10 @@ def validate(batch: StepBatch) -> StepBatch:
     the slot's first action token, group ids out of range, and layout coverage.
     """
     b = jax.tree.map(np.asarray, batch)
-    B, T = b.tokens.shape if b.tokens.ndim == 2 else (None, None)
-    if B is None:
-        _fail("tokens", f"must be [B, T], got shape {b.tokens.shape}")
-    S_row = b.value_pos.shape[-1] if b.value_pos.ndim == 2 else _fail("value_pos", f"must be [B, S_row], got {b.value_pos.shape}")
-    N, S = b.step_mask.shape if b.step_mask.ndim == 2 else (None, None)
-    if N is None:
-        _fail("step_mask", f"must be [N, S], got shape {b.step_mask.shape}")
+    for name, dims in (("tokens", "[B, T]"), ("value_pos", "[B, S_row]"), ("step_mask", "[N, S]")):
+        if getattr(b, name).ndim != 2:
+            _fail(name, f"must be {dims}, got shape {getattr(b, name).shape}")
+    (B, T), S_row, (N, S) = b.tokens.shape, b.value_pos.shape[1], b.step_mask.shape
     expected = {
         "tokens": ((B, T), np.integer), "action_mask": ((B, T), np.bool_),
         "step_ids": ((B, T), np.integer), "seq_lens": ((B,), np.integer),
