@@ -131,6 +131,7 @@ def test_int_is_accepted_where_float_is_expected():
     (["algo.dual_clip=0.5"], "algo.dual_clip"),
     (["mesh.data=0"], "mesh.data"),
     (["sft.noise=2"], "sft.noise"),
+    (["sft.mistake=-0.1"], "sft.mistake"),
     (["optim.minibatches=64"], "optim.minibatches"),
 ])
 def test_cross_field_rules(overrides, needle):

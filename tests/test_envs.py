@@ -116,6 +116,23 @@ def test_multihop_search_finds_the_fact_and_unknown_words_find_nothing():
     assert result.messages[0]["content"] == "No passages found."
 
 
+def test_multihop_mistake_is_answering_after_the_first_hop():
+    env = make("multihop_qa", difficulty=2)
+    env.reset(0, 0)
+    o0 = env.world.chain[0][2]
+    assert env.mistake_action() is None  # nothing found yet: no early answer to give
+    env.step(env.expert_action())
+    early = parse_tool_call(env.mistake_action()).call
+    assert (early.name, early.arguments) == ("answer", {"answer": o0})
+    result = env.step(env.mistake_action())
+    assert result.done and result.reward == 0.0
+    env.reset(0, 0)
+    env.step(env.expert_action())
+    env.step(env.expert_action())
+    assert env.mistake_action() is None  # all hops found: the answer is due, no mistake
+    assert env.step(env.expert_action()).reward == 1.0
+
+
 def test_final_answer_without_tool_call_where_allowed():
     env = make("multihop_qa", difficulty=1, allow_final_answer=True)
     env.reset(5, 0)

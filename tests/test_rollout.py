@@ -187,3 +187,31 @@ def test_real_sampler_logprobs_match_the_trainer_forward(tok):
     logp = token_logprobs(model(jnp.asarray(batch.tokens)), jnp.asarray(batch.tokens))
     np.testing.assert_allclose(np.where(batch.action_mask, logp, 0), batch.old_logp, atol=1e-4)
     validate(step_rows_batch(records, 3))
+
+
+@pytest.mark.parametrize("mistake, noise", [(0.0, 0.0), (1.0, 0.0), (0.5, 0.0), (0.0, 1.0)])
+def test_noisy_expert_mixes_mistakes_and_random_calls(mistake, noise):
+    """Two-hop tasks: the expert always succeeds; its characteristic mistake (answering after
+    the first hop) always fails; random calls almost never succeed."""
+    from steppo_jax.rollout.scripted import NoisyExpert
+
+    envs = [make("multihop_qa", difficulty=2) for _ in range(40)]
+    policy = NoisyExpert(envs, noise=noise, seed=0, mistake=mistake)
+    outcomes, early = [], 0
+    for row, env in enumerate(envs):
+        env.reset(row, 0)
+        for step in range(env.max_steps):
+            reply = policy(row, step, "")
+            early += step == 1 and '"answer"' in reply and noise == 0
+            result = env.step(reply)
+            if result.done:
+                break
+        outcomes.append(result.reward == 1.0)
+    if noise == 1.0:
+        assert np.mean(outcomes) < 0.2
+    elif mistake == 0.0:
+        assert all(outcomes)
+    elif mistake == 1.0:
+        assert not any(outcomes) and early == len(envs)
+    else:
+        assert 0.25 < np.mean(outcomes) < 0.75 and early == len(envs) - sum(outcomes)

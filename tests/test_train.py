@@ -97,6 +97,17 @@ def test_nan_loss_is_skipped_and_training_goes_on(tmp_path):
     assert any(np.any(x != y) for x, y in zip(before, leaves(trainer.state.params)))
 
 
+def test_separate_critic_starts_from_the_warm_started_policy(tmp_path):
+    cfg = tiny_config(tmp_path, "seed=3")
+    rt = Runtime.create(cfg)
+    _, other = build_models(tiny_config(tmp_path, "seed=4"), len(rt.tokenizer), rt.mesh)
+    trainer = Trainer(cfg, policy_params=other["policy"], log=lambda _: None)
+    params = trainer.state.params
+    for x, y in zip(leaves(params["critic"]["trunk"]), leaves(other["policy"]), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert "value_head" in params["critic"]
+
+
 def test_environment_failures_are_counted_not_fatal(tmp_path):
     cfg = tiny_config(tmp_path, "sft.steps=20", "env.options={raise_task: 5}")
     trainer = Trainer(cfg, policy_params=warm_start(cfg), log=lambda _: None)

@@ -73,3 +73,7 @@ class Environment(Protocol):
     def expert_action(self) -> str:
         """A reply (reasoning + tool call) that makes progress from the current state."""
         ...
+
+    # Optional: ``mistake_action() -> str | None``, the environment's characteristic wrong
+    # reply from the current state (None where it has none). SFT demonstrations mix it in
+    # (``sft.mistake``) so the cloned policy has a systematic error that RL must fix.

@@ -213,3 +213,13 @@ class MultihopQAEnv(ToolEnv):
                         + format_tool_call("search", {"query": query}))
         return (f"The answer is {self.world.answer}.\n"
                 + format_tool_call("answer", {"answer": self.world.answer}))
+
+    def mistake_action(self) -> str | None:
+        """Answering too early: after some but not all hops, the entity found last is given as
+        the answer (the typical multi-hop failure). None before the first search or once the
+        chain is complete."""
+        seen = [i for i in range(self.world.hops) if i in self._seen]
+        if not seen or len(seen) == self.world.hops:
+            return None
+        guess = self.world.chain[max(seen)][2]
+        return f"The answer is {guess}.\n" + format_tool_call("answer", {"answer": guess})

@@ -69,15 +69,21 @@ def random_tool_call(tools: Sequence[dict], context: str, rng: random.Random) ->
 
 
 class NoisyExpert:
-    """reply function for ``ScriptedSampler``: the environment's expert action, replaced with
-    probability ``noise`` by a random well-formed tool call (so the demonstrations, and the
-    policy cloned from them, make mistakes that RL can fix)."""
+    """reply function for ``ScriptedSampler``: the environment's expert action, except that
+    with probability ``mistake`` it is the environment's characteristic mistake
+    (``env.mistake_action()``, where it has one for the current state) and otherwise, with
+    probability ``noise``, a random well-formed tool call. The demonstrations, and the policy
+    cloned from them, thus make mistakes that RL can fix."""
 
-    def __init__(self, envs: list, noise: float, seed: int):
-        self.envs, self.noise, self.rng = envs, noise, random.Random(seed)
+    def __init__(self, envs: list, noise: float, seed: int, mistake: float = 0.0):
+        self.envs, self.noise, self.mistake, self.rng = envs, noise, mistake, random.Random(seed)
 
     def __call__(self, row: int, step: int, context: str) -> str:
         env = self.envs[row]
+        if self.rng.random() < self.mistake:
+            wrong = getattr(env, "mistake_action", lambda: None)()
+            if wrong is not None:
+                return wrong
         if self.rng.random() < self.noise and getattr(env, "tools", None):
             return random_tool_call(env.tools, context, self.rng)
         return env.expert_action()

@@ -205,8 +205,11 @@ class SFTSection:
     num_demos: int = 512
     """Expert demonstrations generated from the environment."""
     noise: float = 0.3
-    """Probability that a demonstration step is replaced by a noisy or wrong action, so RL has
-    room to improve."""
+    """Probability that a demonstration step is replaced by a random well-formed tool call."""
+    mistake: float = 0.0
+    """Probability that a demonstration step is the environment's characteristic mistake
+    (``mistake_action``, e.g. answering multihop_qa after the first hop) where it has one: a
+    systematic error of the cloned policy that RL has to fix."""
     seed_offset: int = 1_000_000
     """Demonstration task ids start here, away from training and evaluation ids."""
 
@@ -327,7 +330,7 @@ _POSITIVE = (
     "env.step_timeout_s", "rollout.temperature", "algo.clip_low", "algo.clip_high", "optim.lr",
     "optim.critic_lr", "optim.grad_clip", "sft.lr",
 )
-_UNIT_INTERVAL = ("algo.gamma", "algo.lam", "sft.noise")
+_UNIT_INTERVAL = ("algo.gamma", "algo.lam", "sft.noise", "sft.mistake")
 _GROUP_ESTIMATORS = ("grpo", "rloo", "reinforce_pp", "gigpo")
 
 

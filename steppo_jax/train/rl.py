@@ -24,7 +24,7 @@ from steppo_jax.train.config import Config, config_to_dict, save_config
 from steppo_jax.train.evaluate import Evaluator
 from steppo_jax.train.metrics import MetricsWriter, format_line, plot_metrics, progress, write_summary
 from steppo_jax.train.runtime import Runtime
-from steppo_jax.train.state import build_models, copy_tree, init_state, make_optimizer
+from steppo_jax.train.state import build_models, copy_tree, critic_from_policy, init_state, make_optimizer
 from steppo_jax.train.tasks import TaskBatches
 from steppo_jax.train.update import TrainBatch, assign_credit, make_update, score
 
@@ -65,6 +65,8 @@ class Trainer:
                                             policy_params, params["policy"])
         elif cfg.model.warm_start:
             params["policy"] = load_policy_params(cfg.model.warm_start, params["policy"])
+        if self.models.critic == "separate" and cfg.model.source == "tiny" and (policy_params is not None or cfg.model.warm_start):
+            params["critic"] = critic_from_policy(params["critic"], params["policy"])
         self.ref_params = copy_tree(params["policy"]) if cfg.algo.kl_coef else None
         self.tx = make_optimizer(o, cfg.train.iterations * o.epochs * o.minibatches)
         with jax.set_mesh(self.rt.mesh):

@@ -23,7 +23,8 @@ from steppo_jax.train.runtime import Runtime
 from steppo_jax.train.state import Models
 
 
-def collect_demos(runtime: Runtime, num: int, *, noise: float, first_task: int, batch: int = 64) -> list[TrajectoryRecord]:
+def collect_demos(runtime: Runtime, num: int, *, noise: float, first_task: int, mistake: float = 0.0,
+                  batch: int = 64) -> list[TrajectoryRecord]:
     """``num`` demonstrations of tasks first_task, first_task + 1, ... (failed ones dropped)."""
     cfg = runtime.cfg
     records: list[TrajectoryRecord] = []
@@ -37,7 +38,7 @@ def collect_demos(runtime: Runtime, num: int, *, noise: float, first_task: int, 
     for start in range(first_task, first_task + num, batch):
         envs.clear()
         n = min(batch, first_task + num - start)
-        sampler = ScriptedSampler(runtime.tokenizer, n, NoisyExpert(envs, noise, seed=cfg.seed + start),
+        sampler = ScriptedSampler(runtime.tokenizer, n, NoisyExpert(envs, noise, seed=cfg.seed + start, mistake=mistake),
                                   max_new_tokens=cfg.rollout.max_new_tokens)
         engine = runtime.engine(sampler, factory)
         records += engine.collect([(t, cfg.seed) for t in range(start, start + n)], 1, jax.random.key(0))
@@ -61,13 +62,13 @@ def _run_sft(runtime: Runtime, models: Models, policy_params, log):
     cfg = runtime.cfg
     s = cfg.sft
     t0 = time.perf_counter()
-    demos = collect_demos(runtime, s.num_demos, noise=s.noise, first_task=s.seed_offset)
+    demos = collect_demos(runtime, s.num_demos, noise=s.noise, mistake=s.mistake, first_task=s.seed_offset)
     if not demos:
         raise RuntimeError("SFT collected no usable demonstrations (every episode failed)")
     longest = max(len(r.tokens) for r in demos)
     batch = packed_batch(demos, cfg.env.max_steps, seq_len=-(-longest // 64) * 64)  # one shape for every step
     demo_success = float(np.mean([r.success for r in demos]))
-    log(f"sft: {len(demos)} demonstrations ({demo_success:.0%} successful, noise {s.noise}), "
+    log(f"sft: {len(demos)} demonstrations ({demo_success:.0%} successful, noise {s.noise}, mistakes {s.mistake}), "
         f"{int(batch.action_mask.sum())} action tokens, collected in {time.perf_counter() - t0:.1f}s")
     tx = optax.chain(optax.clip_by_global_norm(cfg.optim.grad_clip),
                      optax.adamw(optax.warmup_cosine_decay_schedule(0.0, s.lr, min(50, s.steps // 10 + 1), s.steps)))

@@ -132,3 +132,11 @@ def init_state(params, tx: optax.GradientTransformation) -> TrainState:
 def copy_tree(tree):
     """A copy that owns its buffers (safe to keep while the original is donated)."""
     return jax.tree.map(jnp.copy, tree)
+
+
+def critic_from_policy(critic_params, policy_params):
+    """A separate critic whose trunk starts as a copy of the (warm-started) policy's trunk —
+    as a critic initialised from the SFT model — and whose value head is kept."""
+    for name in list(critic_params["trunk"].keys()):
+        critic_params["trunk"][name] = copy_tree(policy_params[name])
+    return critic_params
