@@ -17,6 +17,7 @@ from flax import nnx
 from steppo_jax import credit, losses
 from steppo_jax.estimators import EstimatorConfig, get_estimator
 from steppo_jax.models import token_logprobs
+from steppo_jax.sharding import constrain
 from steppo_jax.train.config import AlgoSection
 from steppo_jax.train.state import Models, TrainState
 from steppo_jax.types import StepBatch
@@ -94,6 +95,15 @@ def assign_credit(batch: StepBatch, values_bt, *, algo: AlgoSection):
         batch = batch.replace(step_rewards=rewards)
     est = get_estimator(algo.estimator)
     return est.fn(batch, values_bt, estimator_config(algo)), rewards
+
+
+@jax.jit
+def take_rows(batch: TrainBatch, rows: jax.Array) -> TrainBatch:
+    """The minibatch of ``rows`` [M] (a global row index, the same on every process): every
+    leaf [B, ...] -> [M, ...], batch-sharded. A cross-row gather, so it reads replicated copies."""
+    def take(x):
+        return constrain(credit.replicated(x)[rows], ("batch",) + (None,) * (x.ndim - 1))
+    return jax.tree.map(take, batch)
 
 
 def loss_fn(params, mb: TrainBatch, models: Models, algo: AlgoSection, temperature: float):
