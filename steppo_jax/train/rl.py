@@ -17,6 +17,7 @@ writes the metrics, plots and summary; every process writes its shards of the ch
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Callable
@@ -35,7 +36,7 @@ from steppo_jax.train.metrics import MetricsWriter, format_line, plot_metrics, p
 from steppo_jax.train.runtime import Runtime
 from steppo_jax.train.state import build_models, copy_tree, init_state, make_optimizer
 from steppo_jax.train.tasks import TaskBatches
-from steppo_jax.train.update import TrainBatch, assign_credit, make_update, score, take_rows
+from steppo_jax.train.update import TrainBatch, assign_credit, make_update, score
 from steppo_jax.types import StepBatch
 
 
@@ -55,6 +56,26 @@ def load_policy_params(path: str, like):
             raise CheckpointError(f"no checkpoint found in {path}")
         state, _ = manager.restore(step, target={"policy": abstract_like(like)})
     return state["policy"]
+
+
+@functools.partial(jax.jit, static_argnames=("critic_level",))
+def batch_stats(batch: StepBatch, logp, values, credit, rewards, *, critic_level: str | None) -> dict:
+    """Scalars of an iteration's batch (one program): the largest gap between the sampler's
+    and the trainer's log-probs, the reward sum, the real tokens and the critic's explained
+    variance on the returns it is trained toward. logp, values [B, T]; rewards [N, S]."""
+    out = {"sampler_logp_gap": jnp.max(jnp.where(batch.action_mask, jnp.abs(logp - batch.old_logp), 0.0)),
+           "reward_sum": jnp.sum(rewards), "tokens": jnp.sum(batch.seq_lens)}
+    if critic_level == "step":
+        v = jnp.take_along_axis(values, batch.value_pos, axis=1)
+        ret, mask = credit.returns_bs, batch.slot_mask()
+    elif critic_level == "token":
+        v = jnp.concatenate([values[:, :1], values[:, :-1]], axis=1)
+        ret, mask = credit.returns_bt, batch.action_mask
+    else:
+        return out
+    n = jnp.maximum(jnp.sum(mask), 2)
+    var = lambda x: jnp.sum(jnp.where(mask, (x - jnp.sum(jnp.where(mask, x, 0)) / n) ** 2, 0)) / (n - 1)  # noqa: E731
+    return out | {"explained_variance": 1.0 - var(ret - v) / jnp.maximum(var(ret), 1e-8)}
 
 
 class Trainer:
@@ -147,29 +168,36 @@ class Trainer:
 
     def step(self) -> dict:
         """Runs iteration ``self.iteration``; returns its metrics."""
-        with jax.set_mesh(self.rt.mesh):
-            return self._step()
-
-    def _step(self) -> dict:
-        cfg, it = self.cfg, self.iteration
-        key = jax.random.fold_in(self.root_key, it)
+        it = self.iteration
         t0 = time.perf_counter()
         rt = RolloutTimings()
-        records = self.engine.collect(self.process_tasks(it), cfg.rollout.group_size, key, rt)
+        # outside the train mesh: the sampler runs on this process's sample mesh
+        records = self.engine.collect(self.process_tasks(it), self.cfg.rollout.group_size,
+                                      jax.random.fold_in(self.root_key, it), rt)
         host_batch = self._local_batch(records)
-        t1 = time.perf_counter()
+        rollout_s = time.perf_counter() - t0
+        with jax.set_mesh(self.rt.mesh):
+            out = self._learn(it, records, host_batch)
+        self.iteration += 1
+        return out | {"time/rollout": rollout_s, "time/rollout_sampler": rt.sampler_s, "time/rollout_env": rt.env_s,
+                      "time/rollout_glue": rt.glue_s}
 
+    def _learn(self, it: int, records, host_batch: StepBatch) -> dict:
+        """Scoring passes, credit and the PPO epochs on this iteration's batch; its metrics."""
+        cfg = self.cfg
+        t1 = time.perf_counter()
         batch = self.rt.put_local(host_batch)
         logp, ref_logp, values = score(self.models, self.state.params, self.ref_params, batch.tokens,
                                        batch.segment_ids, temperature=cfg.rollout.temperature,
                                        with_ref=self.ref_params is not None)
-        action = batch.action_mask
-        sampler_gap = jnp.max(jnp.where(action, jnp.abs(logp - batch.old_logp), 0.0))
-        batch = batch.replace(old_logp=jnp.where(action, logp, 0.0), ref_logp=ref_logp)
+        sampled = batch
+        batch = batch.replace(old_logp=jnp.where(batch.action_mask, logp, 0.0), ref_logp=ref_logp)
         credit, rewards = assign_credit(batch, values, algo=cfg.algo)
         train = self._train_batch(batch, logp, ref_logp, values, credit)
-        diag = jax.device_get({"sampler_logp_gap": sampler_gap, "reward_sum": jnp.sum(rewards),
-                               "tokens": jnp.sum(batch.seq_lens), **self._value_stats(batch, values, credit)})
+        # fetched before the updates run: on CPU devices two programs with collectives in
+        # flight at once can starve each other of threads
+        diag = jax.device_get(batch_stats(sampled, logp, values, credit, rewards,
+                                          critic_level=self.models.critic_level))
         t2 = time.perf_counter()
 
         rows = train.tokens.shape[0]
@@ -179,7 +207,7 @@ class Trainer:
         for _ in range(cfg.optim.epochs):
             perm = order.permutation(rows)
             for m in range(cfg.optim.minibatches):
-                self.state, metrics = self.update(self.state, take_rows(train, perm[m * size:(m + 1) * size]))
+                self.state, metrics = self.update(self.state, train, perm[m * size:(m + 1) * size])
                 updates.append(metrics)
         updates = jax.device_get(updates)
         self.sampler.set_params(self.rt.to_sample_mesh(self.state.params["policy"]))
@@ -197,28 +225,12 @@ class Trainer:
                "policy/grad_norm": mean("grad_norm"), "value/loss": mean("value_loss"),
                "skipped_updates": float(np.sum([u["skipped"] for u in updates])),
                "sampler_logp_gap": float(diag["sampler_logp_gap"]), "rows": float(rows), "seq_len": float(host_batch.seq_len),
-               "time/rollout": t1 - t0, "time/passes": t2 - t1, "time/update": t3 - t2,
-               "time/rollout_sampler": rt.sampler_s, "time/rollout_env": rt.env_s, "time/rollout_glue": rt.glue_s}
+               "time/passes": t2 - t1, "time/update": t3 - t2}
         if "kl_ref" in updates[0]:
             out["policy/kl"] = mean("kl_ref")
         if "explained_variance" in diag:
             out["value/explained_var"] = float(diag["explained_variance"])
-        self.iteration += 1
         return out
-
-    def _value_stats(self, batch, values, credit) -> dict:
-        """Explained variance of the critic on the returns it is trained toward."""
-        if self.models.critic_level == "step":
-            v = jnp.take_along_axis(values, batch.value_pos, axis=1)
-            ret, mask = credit.returns_bs, batch.slot_mask()
-        elif self.models.critic_level == "token":
-            v = jnp.concatenate([values[:, :1], values[:, :-1]], axis=1)
-            ret, mask = credit.returns_bt, batch.action_mask
-        else:
-            return {}
-        n = jnp.maximum(jnp.sum(mask), 2)
-        var = lambda x: jnp.sum(jnp.where(mask, (x - jnp.sum(jnp.where(mask, x, 0)) / n) ** 2, 0)) / (n - 1)  # noqa: E731
-        return {"explained_variance": 1.0 - var(ret - v) / jnp.maximum(var(ret), 1e-8)}
 
     # -- the whole run ------------------------------------------------------------------------
     def evaluate(self) -> dict:
