@@ -55,7 +55,7 @@ def iteration_time(cfg, models, state, tx, batch, repeats: int) -> float:
         zeros = logp * 0
         mb = TrainBatch(batch.tokens, batch.step_ids, logp, zeros, credit.advantages_bt, zeros, values,
                         batch.value_pos, batch.slot_mask(), credit.returns_bs, batch.segment_ids)
-        return update(state, mb)[1]["loss"]
+        return update(state, mb, np.arange(mb.tokens.shape[0]))[1]["loss"]
 
     jax.block_until_ready(run())  # compile
     return best_time(lambda: jax.block_until_ready(run()), repeats)

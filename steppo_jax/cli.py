@@ -6,6 +6,9 @@
     steppo train --config configs/default.yaml --resume
     steppo eval  --checkpoint runs/default/checkpoints
     steppo export --checkpoint runs/default/checkpoints --out runs/default/hf
+
+With ``STEPPO_DISTRIBUTED=1`` (one process per host), demo, sft, train and eval first join the
+run's processes (``steppo_jax.train.distributed.initialize``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import os
 import sys
 
+from steppo_jax.train import distributed
 from steppo_jax.train.config import ConfigError, load_config
 
 
@@ -36,7 +40,8 @@ def cmd_sft(args) -> dict:
     path = os.path.join(cfg.run_dir, "sft")
     with CheckpointManager(path, keep=1) as manager:
         manager.save(cfg.sft.steps, {"policy": policy}, stats)
-    print(f"sft checkpoint: {path}  (train from it with model.warm_start={path})")
+    if distributed.is_main():
+        print(f"sft checkpoint: {path}  (train from it with model.warm_start={path})")
     return {"policy": policy, **stats}
 
 
@@ -49,8 +54,9 @@ def cmd_train(args, policy_params=None) -> dict:
         summary = trainer.fit(resume=args.resume)
     finally:
         trainer.ckpt.close()
-    print(json.dumps(summary, indent=1))
-    print(f"run directory: {cfg.run_dir} (metrics.jsonl, curves.png, summary.json, checkpoints/)")
+    if distributed.is_main():
+        print(json.dumps(summary, indent=1))
+        print(f"run directory: {cfg.run_dir} (metrics.jsonl, curves.png, summary.json, checkpoints/)")
     return summary
 
 
@@ -59,10 +65,13 @@ def cmd_demo(args) -> dict:
     import shutil
 
     cfg = _config(args)
-    shutil.rmtree(cfg.run_dir, ignore_errors=True)  # the demo always starts over
+    if distributed.is_main():
+        shutil.rmtree(cfg.run_dir, ignore_errors=True)  # the demo always starts over
+    distributed.barrier("demo: run directory cleared")
     summary = cmd_train(argparse.Namespace(**{**vars(args), "resume": False}))
-    print(f"demo: greedy success on {cfg.env.eval_tasks} held-out tasks {summary['initial_success_rate']:.1%} "
-          f"(warm start) -> {summary['final_success_rate']:.1%} after StepPO, {summary['wall_time_s']:.0f}s")
+    if distributed.is_main():
+        print(f"demo: greedy success on {cfg.env.eval_tasks} held-out tasks {summary['initial_success_rate']:.1%} "
+              f"(warm start) -> {summary['final_success_rate']:.1%} after StepPO, {summary['wall_time_s']:.0f}s")
     return summary
 
 
@@ -92,7 +101,8 @@ def cmd_eval(args) -> dict:
     trainer = _trainer_from_checkpoint(args.checkpoint)
     stats = trainer.evaluate()
     trainer.ckpt.close()
-    print(json.dumps({"iteration": trainer.iteration, **stats}, indent=1))
+    if distributed.is_main():
+        print(json.dumps({"iteration": trainer.iteration, **stats}, indent=1))
     return stats
 
 
@@ -121,29 +131,31 @@ def main(argv=None) -> int:
     p = sub.add_parser("demo", help="StepPO from the shipped SFT warm start on the default, then evaluation "
                                     "and plots (in runs/demo, overwritten)")
     with_config(p)
-    p.set_defaults(fn=cmd_demo, run_dir="runs/demo")
+    p.set_defaults(fn=cmd_demo, run_dir="runs/demo", distributed=True)
     p = sub.add_parser("sft", help="behaviour cloning on expert trajectories")
     with_config(p)
-    p.set_defaults(fn=cmd_sft)
+    p.set_defaults(fn=cmd_sft, distributed=True)
     p = sub.add_parser("train", help="RL training (StepPO by default)")
     with_config(p)
     p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
-    p.set_defaults(fn=cmd_train)
+    p.set_defaults(fn=cmd_train, distributed=True)
     p = sub.add_parser("eval", help="greedy success on held-out tasks of a trained run")
     p.add_argument("--checkpoint", required=True, help="a run's checkpoints/ directory")
-    p.set_defaults(fn=cmd_eval)
+    p.set_defaults(fn=cmd_eval, distributed=True)
     p = sub.add_parser("export", help="write the policy as a Hugging Face checkpoint")
     p.add_argument("--checkpoint", required=True, help="a run's checkpoints/ directory")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(fn=cmd_export)
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "distributed", False):
+            distributed.initialize()
         args.fn(args)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"steppo {args.command}: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # CheckpointError and friends: a clear line, not a trace
-        if type(err).__name__ in ("CheckpointError", "BatchError", "UnknownEnvironmentError"):
+        if type(err).__name__ in ("CheckpointError", "BatchError", "UnknownEnvironmentError", "DistributedError"):
             print(f"steppo {args.command}: error: {err}", file=sys.stderr)
             return 2
         raise

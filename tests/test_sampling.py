@@ -143,6 +143,22 @@ def test_no_recompile_across_turns_and_batches(model):
     assert [bucket(i) for i in (1, 8, 9, 17)] == [8, 8, 16, 32]
 
 
+def test_a_share_of_the_batch_samples_what_the_whole_batch_samples(model):
+    """Per-row keys: rows [2, 4) drawn by a sampler holding only them (one process's share)
+    are those the whole-batch sampler draws, over several turns."""
+    hot = SamplingParams(temperature=40.0)  # undo the fixture's sharpening: real randomness
+    whole = Sampler(model, batch_size=4, capacity=64, max_new_tokens=6, sampling=hot)
+    share = Sampler(model, batch_size=2, capacity=64, max_new_tokens=6, sampling=hot, first_row=2)
+    new = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10]]
+    for turn in range(2):
+        key = jax.random.key(turn)
+        a = whole.step(new, [], key, reset=turn == 0)
+        b = share.step(new[2:], [], key, reset=turn == 0)
+        assert a.tokens[2:] == b.tokens
+        new = [[11]] * 4
+    assert a.tokens[0] != a.tokens[2] or a.tokens[1] != a.tokens[3]  # rows do draw differently
+
+
 def test_capacity_and_context_errors(model):
     s = Sampler(model, batch_size=1, capacity=16, max_new_tokens=8)
     with pytest.raises(ValueError, match="capacity"):
@@ -153,7 +169,7 @@ def test_capacity_and_context_errors(model):
 
 def test_select_tokens_filters():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 2000))
-    keys = jax.random.key(0)
+    keys = jax.random.split(jax.random.key(0), 2000)
     tok, lp = select_tokens(logits, keys, SamplingParams(top_k=2))
     assert set(np.unique(tok)) == {0, 1}
     np.testing.assert_allclose(lp, np.log(np.array([0.5, 0.3, 0.15, 0.05]))[np.asarray(tok)], atol=1e-6)

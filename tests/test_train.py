@@ -142,6 +142,9 @@ def test_cli_reports_bad_config_and_bad_checkpoint(tmp_path):
     assert proc.returncode == 2 and "no checkpoint" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_cli("train", "--config", "configs/default.yaml", "env.options={colour: 3}")
     assert proc.returncode == 2 and "env.options" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("train", "--config", "configs/default.yaml", env={
+        "STEPPO_DISTRIBUTED": "1", "JAX_COORDINATOR_ADDRESS": "localhost:1", "JAX_NUM_PROCESSES": "two"})
+    assert proc.returncode == 2 and "JAX_NUM_PROCESSES" in proc.stderr and "Traceback" not in proc.stderr
     help_text = run_cli("--help").stdout
     assert all(cmd in help_text for cmd in ("demo", "sft", "train", "eval", "export"))
 
@@ -186,3 +189,15 @@ def test_sharded_training_matches_single_device(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "sharded == single" in proc.stdout
+
+
+def test_multihost_training_matches_one_process(tmp_path):
+    """``steppo train`` as 2 processes (jax.distributed on localhost, 4 CPU devices each) gives
+    the metrics and parameters of one process with 8 devices (``--wrong-shard`` on the script
+    shows a wrong task split failing the comparison)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-m", "tests.scripts.multihost_training", str(tmp_path)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "multi-host == single process" in proc.stdout

@@ -1,9 +1,11 @@
 """The host-side rollout loop: environments <-> sampler -> step tensors, token-exactly."""
 
-from steppo_jax.rollout.engine import ChatCodec, RolloutEngine, RolloutSettings, RolloutTimings, rollout_stats
+from steppo_jax.rollout.engine import (STAT_KEYS, ChatCodec, RolloutEngine, RolloutSettings, RolloutTimings,
+                                       rollout_stats, stats_table, table_stats)
 from steppo_jax.rollout.records import TrajectoryRecord, anchor_id, bucket_len, packed_batch, step_rows_batch
 
 __all__ = [
+    "STAT_KEYS",
     "ChatCodec",
     "RolloutEngine",
     "RolloutSettings",
@@ -13,5 +15,7 @@ __all__ = [
     "bucket_len",
     "packed_batch",
     "rollout_stats",
+    "stats_table",
     "step_rows_batch",
+    "table_stats",
 ]

@@ -179,11 +179,26 @@ class RolloutEngine:
         return self.codec.prompt(opening + history[cut:], rec.tools)
 
 
+STAT_KEYS = ("steps", "tokens", "action_tokens", "return", "success", "invalid_calls", "terminated")
+"""The per-trajectory stats of ``stats_table`` (after its ``failed`` column)."""
+
+
+def stats_table(records: Sequence[TrajectoryRecord]) -> np.ndarray:
+    """[N, 1 + len(STAT_KEYS)] float64: each trajectory's failed flag, then its ``STAT_KEYS``
+    (a table processes can concatenate before ``table_stats``)."""
+    rows = [[r.failed is not None] + [r.stats()[k] for k in STAT_KEYS] for r in records]
+    return np.array(rows, np.float64).reshape(len(records), 1 + len(STAT_KEYS))
+
+
+def table_stats(table: np.ndarray) -> dict[str, float]:
+    """Batch means of a ``stats_table`` (failed trajectories counted, not averaged in)."""
+    ok = table[table[:, 0] == 0, 1:]
+    out = {"trajectories": float(len(table)), "failed": float(len(table) - len(ok))}
+    if len(ok):
+        out |= {key: float(np.mean(ok[:, i])) for i, key in enumerate(STAT_KEYS)}
+    return out
+
+
 def rollout_stats(records: Sequence[TrajectoryRecord]) -> dict[str, float]:
     """Batch means of the per-trajectory stats (failed trajectories counted, not averaged in)."""
-    ok = [r.stats() for r in records if r.failed is None]
-    out = {"trajectories": float(len(records)), "failed": float(len(records) - len(ok))}
-    if ok:
-        for key in ("steps", "tokens", "action_tokens", "return", "success", "invalid_calls", "terminated"):
-            out[key] = float(np.mean([s[key] for s in ok]))
-    return out
+    return table_stats(stats_table(records))

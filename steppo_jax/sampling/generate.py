@@ -54,15 +54,21 @@ def init_state(config: ModelConfig, batch: int, capacity: int) -> DecodeState:
     return DecodeState(init_kv(config, batch, capacity), zeros, zeros, zeros.astype(bool))
 
 
+def _fold_in(keys: jax.Array, i) -> jax.Array:
+    """keys [B] -> the keys of token ``i`` [B]."""
+    return jax.vmap(jax.random.fold_in, (0, None))(keys, i)
+
+
 def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, new_tokens: jax.Array,
              new_lens: jax.Array, active: jax.Array, reset: jax.Array, stop_ids: jax.Array,
-             key: jax.Array, *, max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
+             keys: jax.Array, *, max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
              span: int | None = None) -> tuple[DecodeState, Generation]:
     """One agent step for every active row.
 
     new_tokens [B,N] int32 (row b's first new_lens[b] entries are real); active [B] bool; reset
     [B] bool (forget the row's history first: a new conversation); stop_ids [B,S] int32 (-1 pads
-    a row's stop set); key: PRNG key. An active row needs at least one token to prefill (its
+    a row's stop set); keys [B]: one PRNG key per row (a row's samples depend on its key and
+    its own tokens only). An active row needs at least one token to prefill (its
     pending token or a new one), and lengths + pending + new_lens + max_new_tokens <= capacity
     (not checked here: see `Sampler`). span (static): attend over the first `span` cache slots
     only; it must exceed every position this call writes (default: the whole capacity).
@@ -71,7 +77,7 @@ def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, new_
     model = nnx.merge(graphdef, params)
     # per-row inputs share the cache's batch sharding (required under Explicit mesh axes)
     new_tokens, stop_ids = (constrain(x, ("batch", None)) for x in (new_tokens, stop_ids))
-    new_lens, active, reset = (constrain(x, ("batch",)) for x in (new_lens, active, reset))
+    new_lens, active, reset, keys = (constrain(x, ("batch",)) for x in (new_lens, active, reset, keys))
     b, n = new_tokens.shape
     lengths = jnp.where(reset, 0, state.lengths)
     has_pending = state.has_pending & ~reset
@@ -90,7 +96,7 @@ def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, new_
     def is_stop(tok):
         return jnp.any(tok[:, None] == stop_ids, axis=1)
 
-    tok, logp = select_tokens(logits, jax.random.fold_in(key, 0), sampling)
+    tok, logp = select_tokens(logits, _fold_in(keys, 0), sampling)
     out_tok = constrain(jnp.zeros((b, max_new_tokens), jnp.int32), ("batch", None))
     out_lp = constrain(jnp.zeros((b, max_new_tokens), jnp.float32), ("batch", None))
     out_tok = out_tok.at[:, 0].set(jnp.where(active, tok, 0))
@@ -108,7 +114,7 @@ def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, new_
         live = ~done
         h, kv = model.extend(cur[:, None], lengths[:, None], live[:, None], kv, span)
         lengths = lengths + live
-        tok, logp = select_tokens(model.logits(h[:, 0]), jax.random.fold_in(key, i), sampling)
+        tok, logp = select_tokens(model.logits(h[:, 0]), _fold_in(keys, i), sampling)
         out_tok = out_tok.at[:, i].set(jnp.where(live, tok, 0))
         out_lp = out_lp.at[:, i].set(jnp.where(live, logp, 0.0))
         stop = live & is_stop(tok)

@@ -19,6 +19,12 @@ def bucket(n: int, minimum: int = 8) -> int:
     return max(minimum, 1 << max(n - 1, 0).bit_length())
 
 
+@jax.jit
+def _row_keys(key: jax.Array, rows: jax.Array) -> jax.Array:
+    """One key per global row index: rows [B] -> keys [B]."""
+    return jax.vmap(jax.random.fold_in, (None, 0))(key, rows)
+
+
 class StepOutput(NamedTuple):
     """Per row: generated ids and their behaviour log-probs (empty for inactive rows);
     `stopped[b]` is True when the step ended on one of the row's stop tokens."""
@@ -42,13 +48,17 @@ class Sampler:
     Log-probs are those of softmax(logits / temperature), not truncated by top-k/top-p; they
     equal `steppo_jax.models.token_logprobs` of the trainer's forward on the same tokens.
     `set_params` swaps in new weights without recompiling.
+
+    Row b samples with the key `fold_in(key, first_row + b)`: a sampler holding rows
+    [first_row, first_row + B) of a larger batch (one process's share) draws exactly what one
+    sampler holding the whole batch would draw for those rows.
     """
 
     def __init__(self, model, *, batch_size: int, capacity: int, max_new_tokens: int,
                  sampling: SamplingParams = SamplingParams(), max_stop_ids: int = 8,
-                 mesh: jax.sharding.Mesh | None = None):
+                 mesh: jax.sharding.Mesh | None = None, first_row: int = 0):
         self.graphdef, self.params = nnx.split(model)
-        self.batch_size, self.capacity = batch_size, capacity
+        self.batch_size, self.capacity, self.first_row = batch_size, capacity, first_row
         self.max_new_tokens, self.sampling, self.max_stop_ids = max_new_tokens, sampling, max_stop_ids
         self.mesh = mesh
         self._lengths = np.zeros(batch_size, np.int64)  # host mirror: cached + pending tokens
@@ -65,7 +75,7 @@ class Sampler:
     def step(self, new_tokens: Sequence[Sequence[int] | None], stop_ids, key: jax.Array,
              reset: bool | Sequence[bool] = False) -> StepOutput:
         """new_tokens: B lists of ids (None: inactive row); stop_ids: one id list shared by all
-        rows, or one list per row; key: PRNG key. Returns `StepOutput` (row b's tokens end on a
+        rows, or one list per row; key: PRNG key of the whole batch (see the class). Returns `StepOutput` (row b's tokens end on a
         stop id when stopped[b], else after max_new_tokens)."""
         b = self.batch_size
         if len(new_tokens) != b:
@@ -90,9 +100,10 @@ class Sampler:
         stops = self._stop_array(stop_ids)
 
         with self._mesh_ctx():
+            keys = _row_keys(key, jnp.arange(self.first_row, self.first_row + b))
             self.state, out = jit_generate(
                 self.graphdef, self.params, self.state, jnp.asarray(tok), jnp.asarray(lens, jnp.int32),
-                jnp.asarray(active), jnp.asarray(reset_rows), jnp.asarray(stops), key,
+                jnp.asarray(active), jnp.asarray(reset_rows), jnp.asarray(stops), keys,
                 max_new_tokens=self.max_new_tokens, sampling=self.sampling, span=span)
         tokens, logprobs, n, stopped = jax.device_get(tuple(out))
         self._lengths = np.where(active, lengths + lens + n, lengths)

@@ -33,8 +33,10 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
 
 
-def select_tokens(logits: jax.Array, key: jax.Array, params: SamplingParams):
-    """logits [B,V] -> (tokens [B] int32, logprobs [B] float32)."""
+def select_tokens(logits: jax.Array, keys: jax.Array, params: SamplingParams):
+    """logits [B,V], keys [B] (one PRNG key per row) -> (tokens [B] int32, logprobs [B] float32).
+
+    Row b's token depends on its own logits and key only, not on the other rows."""
     # [B, V] is small: gather the vocabulary so sort/top-k/categorical see whole rows
     scaled = constrain(logits.astype(jnp.float32), ("batch", None)) / params.temperature
     logp = jax.nn.log_softmax(scaled, axis=-1)
@@ -52,6 +54,7 @@ def select_tokens(logits: jax.Array, key: jax.Array, params: SamplingParams):
             kept = jnp.where(before < params.top_p, desc, jnp.inf)
             threshold = jnp.min(kept, axis=-1, keepdims=True)
             masked = jnp.where(masked < threshold, -jnp.inf, masked)
-        tokens = jax.random.categorical(key, masked, axis=-1)
+        keys = constrain(keys, ("batch",))
+        tokens = jax.vmap(jax.random.categorical)(keys, masked)
     tokens = tokens.astype(jnp.int32)
     return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]

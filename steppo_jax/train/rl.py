@@ -5,10 +5,19 @@
 
 Every random choice of iteration i derives from (seed, i) and checkpoints hold the full
 train state, so a resumed run continues exactly as the uninterrupted one would have.
+
+Several processes (``STEPPO_DISTRIBUTED=1``, see train/distributed.py): process p of P runs
+the environments and the sampler for the p-th contiguous slice of the iteration's tasks on its
+own devices; its rows become the p-th block of global arrays on the train mesh, where the
+scoring passes, credit and updates run as in one process. Sampling keys follow the global
+trajectory index, the padded length is agreed across processes and minibatches are drawn on
+device from the global batch, so the run does not depend on the process count. Process 0
+writes the metrics, plots and summary; every process writes its shards of the checkpoints.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Callable
@@ -18,15 +27,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from steppo_jax.rollout import RolloutTimings, rollout_stats
+from steppo_jax.rollout import RolloutTimings, stats_table, table_stats
+from steppo_jax.train import distributed
 from steppo_jax.train.checkpoint import CheckpointError, CheckpointManager, abstract_like
-from steppo_jax.train.config import Config, config_to_dict, save_config
+from steppo_jax.train.config import Config, ConfigError, config_to_dict, save_config
 from steppo_jax.train.evaluate import Evaluator
 from steppo_jax.train.metrics import MetricsWriter, format_line, plot_metrics, progress, write_summary
 from steppo_jax.train.runtime import Runtime
 from steppo_jax.train.state import build_models, copy_tree, critic_from_policy, init_state, make_optimizer
 from steppo_jax.train.tasks import TaskBatches
 from steppo_jax.train.update import TrainBatch, assign_credit, make_update, score
+from steppo_jax.types import StepBatch
 
 
 def load_policy_params(path: str, like):
@@ -47,14 +58,38 @@ def load_policy_params(path: str, like):
     return state["policy"]
 
 
+@functools.partial(jax.jit, static_argnames=("critic_level",))
+def batch_stats(batch: StepBatch, logp, values, credit, rewards, *, critic_level: str | None) -> dict:
+    """Scalars of an iteration's batch (one program): the largest gap between the sampler's
+    and the trainer's log-probs, the reward sum, the real tokens and the critic's explained
+    variance on the returns it is trained toward. logp, values [B, T]; rewards [N, S]."""
+    out = {"sampler_logp_gap": jnp.max(jnp.where(batch.action_mask, jnp.abs(logp - batch.old_logp), 0.0)),
+           "reward_sum": jnp.sum(rewards), "tokens": jnp.sum(batch.seq_lens)}
+    if critic_level == "step":
+        v = jnp.take_along_axis(values, batch.value_pos, axis=1)
+        ret, mask = credit.returns_bs, batch.slot_mask()
+    elif critic_level == "token":
+        v = jnp.concatenate([values[:, :1], values[:, :-1]], axis=1)
+        ret, mask = credit.returns_bt, batch.action_mask
+    else:
+        return out
+    n = jnp.maximum(jnp.sum(mask), 2)
+    var = lambda x: jnp.sum(jnp.where(mask, (x - jnp.sum(jnp.where(mask, x, 0)) / n) ** 2, 0)) / (n - 1)  # noqa: E731
+    return out | {"explained_variance": 1.0 - var(ret - v) / jnp.maximum(var(ret), 1e-8)}
+
+
 class Trainer:
     """One run: models, optimizer, rollout engine, evaluator, checkpoints and metrics."""
 
     def __init__(self, cfg: Config, *, policy_params=None, log: Callable[[str], None] = print):
-        self.cfg, self.log = cfg, log
+        self.cfg, self.log = cfg, log if distributed.is_main() else (lambda _: None)
         self.rt = Runtime.create(cfg)
         r, o = cfg.rollout, cfg.optim
         self.batch_size = r.tasks_per_iter * r.group_size
+        processes = distributed.process_count()
+        if r.tasks_per_iter % processes:
+            raise ConfigError(f"rollout.tasks_per_iter={r.tasks_per_iter} must split evenly over the {processes} processes")
+        self.local_tasks = r.tasks_per_iter // processes  # per process, and so per sampler
         n_dev = self.rt.mesh.shape["data"] * self.rt.mesh.shape["fsdp"]
         if self.batch_size % (o.minibatches * n_dev):
             raise ValueError(f"rollout.tasks_per_iter x rollout.group_size = {self.batch_size} trajectories must split "
@@ -73,7 +108,9 @@ class Trainer:
             self.state = init_state(params, self.tx)
         self.update = jax.jit(make_update(self.models, cfg.algo, r.temperature, self.tx), donate_argnums=0)
         policy = nnx.merge(self.models.policy_def, params["policy"])
-        self.sampler = self.rt.sampler(policy, self.batch_size)
+        local_rows = self.local_tasks * r.group_size
+        self.sampler = self.rt.sampler(policy, local_rows, first_row=distributed.process_index() * local_rows)
+        self.sampler.set_params(self.rt.to_sample_mesh(params["policy"]))
         self.engine = self.rt.engine(self.sampler)
         self.evaluator = Evaluator(self.rt, self.models.policy_def, params["policy"])
         self.tasks = TaskBatches(cfg.env.eval_seed, r.tasks_per_iter, cfg.seed)
@@ -99,10 +136,28 @@ class Trainer:
         tree, meta = self.ckpt.restore(step, target=abstract_like(self._ckpt_tree()))
         self.state, self.ref_params = tree["state"], tree["ref"]
         self.iteration, self.summary = int(meta["iteration"]), dict(meta.get("summary", {}))
-        self.sampler.set_params(self.state.params["policy"])
+        self.sampler.set_params(self.rt.to_sample_mesh(self.state.params["policy"]))
         return True
 
     # -- one iteration ------------------------------------------------------------------------
+    def process_tasks(self, it: int) -> list[tuple[int, int]]:
+        """This process's contiguous slice of iteration ``it``'s tasks."""
+        start = distributed.process_index() * self.local_tasks
+        return self.tasks(it)[start:start + self.local_tasks]
+
+    def _local_batch(self, records) -> StepBatch:
+        """This process's block of the iteration's batch (numpy): rows and length common to
+        every process, group and trajectory ids counted over the whole batch."""
+        batch = self.rt.layout(records)
+        rows, seq_len = distributed.max_over_processes(batch.tokens.shape)
+        if (rows, seq_len) != batch.tokens.shape:
+            batch = self.rt.layout(records, num_rows=rows, seq_len=seq_len)
+        p = distributed.process_index()
+        batch = batch.replace(group_ids=batch.group_ids + p * self.local_tasks)
+        if not batch.packed:
+            batch = batch.replace(traj_index=np.where(batch.traj_index >= 0, batch.traj_index + p * len(records), -1))
+        return batch
+
     def _train_batch(self, batch, logp, ref_logp, values, credit) -> TrainBatch:
         zeros = jnp.zeros_like(logp)
         return TrainBatch(
@@ -115,28 +170,36 @@ class Trainer:
 
     def step(self) -> dict:
         """Runs iteration ``self.iteration``; returns its metrics."""
-        with jax.set_mesh(self.rt.mesh):
-            return self._step()
-
-    def _step(self) -> dict:
-        cfg, it = self.cfg, self.iteration
-        key = jax.random.fold_in(self.root_key, it)
+        it = self.iteration
         t0 = time.perf_counter()
         rt = RolloutTimings()
-        records = self.engine.collect(self.tasks(it), cfg.rollout.group_size, key, rt)
-        host_batch = self.rt.layout(records)
-        t1 = time.perf_counter()
+        # outside the train mesh: the sampler runs on this process's sample mesh
+        records = self.engine.collect(self.process_tasks(it), self.cfg.rollout.group_size,
+                                      jax.random.fold_in(self.root_key, it), rt)
+        host_batch = self._local_batch(records)
+        rollout_s = time.perf_counter() - t0
+        with jax.set_mesh(self.rt.mesh):
+            out = self._learn(it, records, host_batch)
+        self.iteration += 1
+        return out | {"time/rollout": rollout_s, "time/rollout_sampler": rt.sampler_s, "time/rollout_env": rt.env_s,
+                      "time/rollout_glue": rt.glue_s}
 
-        batch = self.rt.put(host_batch)
+    def _learn(self, it: int, records, host_batch: StepBatch) -> dict:
+        """Scoring passes, credit and the PPO epochs on this iteration's batch; its metrics."""
+        cfg = self.cfg
+        t1 = time.perf_counter()
+        batch = self.rt.put_local(host_batch)
         logp, ref_logp, values = score(self.models, self.state.params, self.ref_params, batch.tokens,
                                        batch.segment_ids, temperature=cfg.rollout.temperature,
                                        with_ref=self.ref_params is not None)
-        action = batch.action_mask
-        sampler_gap = jnp.max(jnp.where(action, jnp.abs(logp - batch.old_logp), 0.0))
-        batch = batch.replace(old_logp=jnp.where(action, logp, 0.0), ref_logp=ref_logp)
+        sampled = batch
+        batch = batch.replace(old_logp=jnp.where(batch.action_mask, logp, 0.0), ref_logp=ref_logp)
         credit, rewards = assign_credit(batch, values, algo=cfg.algo)
-        train = jax.device_get(self._train_batch(batch, logp, ref_logp, values, credit))
-        diag = jax.device_get({"sampler_logp_gap": sampler_gap, **self._value_stats(batch, values, credit)})
+        train = self._train_batch(batch, logp, ref_logp, values, credit)
+        # fetched before the updates run: on CPU devices two programs with collectives in
+        # flight at once can starve each other of threads
+        diag = jax.device_get(batch_stats(sampled, logp, values, credit, rewards,
+                                          critic_level=self.models.critic_level))
         t2 = time.perf_counter()
 
         rows = train.tokens.shape[0]
@@ -146,19 +209,17 @@ class Trainer:
         for _ in range(cfg.optim.epochs):
             perm = order.permutation(rows)
             for m in range(cfg.optim.minibatches):
-                idx = perm[m * size:(m + 1) * size]
-                mb = self.rt.put(jax.tree.map(lambda x: x[idx], train))
-                self.state, metrics = self.update(self.state, mb)
+                self.state, metrics = self.update(self.state, train, perm[m * size:(m + 1) * size])
                 updates.append(metrics)
         updates = jax.device_get(updates)
-        self.sampler.set_params(self.state.params["policy"])
+        self.sampler.set_params(self.rt.to_sample_mesh(self.state.params["policy"]))
         t3 = time.perf_counter()
 
-        stats = rollout_stats(records)
+        stats = table_stats(distributed.gather_rows(stats_table(records)))
         mean = lambda k: float(np.mean([u[k] for u in updates]))  # noqa: E731
-        out = {"reward/mean": float(np.sum(np.asarray(rewards)) / max(len(records), 1)),
+        out = {"reward/mean": float(diag["reward_sum"]) / self.batch_size,
                "success/rate": stats.get("success", 0.0), "steps/mean": stats.get("steps", 0.0),
-               "tokens/action": stats.get("action_tokens", 0.0), "tokens/total": float(host_batch.seq_lens.sum()),
+               "tokens/action": stats.get("action_tokens", 0.0), "tokens/total": float(diag["tokens"]),
                "rollout/failed": stats["failed"], "rollout/invalid_calls": stats.get("invalid_calls", 0.0),
                "policy/loss": mean("policy_loss"), "policy/approx_kl": mean("approx_kl"),
                "policy/entropy": mean("entropy"), "policy/clip_frac": mean("clip_frac"),
@@ -166,28 +227,12 @@ class Trainer:
                "policy/grad_norm": mean("grad_norm"), "value/loss": mean("value_loss"),
                "skipped_updates": float(np.sum([u["skipped"] for u in updates])),
                "sampler_logp_gap": float(diag["sampler_logp_gap"]), "rows": float(rows), "seq_len": float(host_batch.seq_len),
-               "time/rollout": t1 - t0, "time/passes": t2 - t1, "time/update": t3 - t2,
-               "time/rollout_sampler": rt.sampler_s, "time/rollout_env": rt.env_s, "time/rollout_glue": rt.glue_s}
+               "time/passes": t2 - t1, "time/update": t3 - t2}
         if "kl_ref" in updates[0]:
             out["policy/kl"] = mean("kl_ref")
         if "explained_variance" in diag:
             out["value/explained_var"] = float(diag["explained_variance"])
-        self.iteration += 1
         return out
-
-    def _value_stats(self, batch, values, credit) -> dict:
-        """Explained variance of the critic on the returns it is trained toward."""
-        if self.models.critic_level == "step":
-            v = jnp.take_along_axis(values, batch.value_pos, axis=1)
-            ret, mask = credit.returns_bs, batch.slot_mask()
-        elif self.models.critic_level == "token":
-            v = jnp.concatenate([values[:, :1], values[:, :-1]], axis=1)
-            ret, mask = credit.returns_bt, batch.action_mask
-        else:
-            return {}
-        n = jnp.maximum(jnp.sum(mask), 2)
-        var = lambda x: jnp.sum(jnp.where(mask, (x - jnp.sum(jnp.where(mask, x, 0)) / n) ** 2, 0)) / (n - 1)  # noqa: E731
-        return {"explained_variance": 1.0 - var(ret - v) / jnp.maximum(var(ret), 1e-8)}
 
     # -- the whole run ------------------------------------------------------------------------
     def evaluate(self) -> dict:
@@ -204,13 +249,16 @@ class Trainer:
         resumed = resume and self.restore()
         if resume and not resumed:
             self.log(f"no checkpoint in {self.ckpt.directory}: starting from scratch")
-        os.makedirs(cfg.run_dir, exist_ok=True)
-        save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
-        writer = MetricsWriter(cfg.run_dir, resume_iteration=self.iteration - 1 if resumed else None)
+        main = distributed.is_main()  # the one process writing the run's files
+        if main:
+            os.makedirs(cfg.run_dir, exist_ok=True)
+            save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+            writer = MetricsWriter(cfg.run_dir, resume_iteration=self.iteration - 1 if resumed else None)
         if "initial_success_rate" not in self.summary:
             initial = self.evaluate()
             self.summary |= {"initial_success_rate": initial["success"], "initial_return": initial["return"]}
-            writer.write(-1, {"eval/" + k: v for k, v in initial.items()})
+            if main:
+                writer.write(-1, {"eval/" + k: v for k, v in initial.items()})
             self.log(f"initial greedy success on {cfg.env.eval_tasks} held-out tasks: {initial['success']:.1%}")
         end = cfg.train.iterations if stop_after is None else min(cfg.train.iterations, self.iteration + stop_after)
         with progress(end - self.iteration, "train") as bar:
@@ -219,18 +267,21 @@ class Trainer:
                 it = self.iteration
                 if it % cfg.train.eval_every == 0 or it == cfg.train.iterations:
                     metrics |= {"eval/" + k: v for k, v in self.evaluate().items()}
-                record = writer.write(it - 1, metrics)
-                bar.write(format_line(it - 1, record)) if bar.disable is False else self.log(format_line(it - 1, record))
+                if main:
+                    record = writer.write(it - 1, metrics)
+                    bar.write(format_line(it - 1, record)) if bar.disable is False else self.log(format_line(it - 1, record))
                 bar.update(1)
                 if it % cfg.train.checkpoint_every == 0 or it == end:
                     self.save()
-        writer.close()
+        if main:
+            writer.close()
         wall = time.perf_counter() - t_start
         self.summary["wall_time_s"] = self.summary.get("wall_time_s", 0.0) + wall
         if self.iteration >= cfg.train.iterations:
             final = self.evaluate()
             self.summary |= {"final_success_rate": final["success"], "final_return": final["return"],
                              "iterations": self.iteration}
-            write_summary(cfg.run_dir, self.summary)
-            plot_metrics(os.path.join(cfg.run_dir, "metrics.jsonl"), os.path.join(cfg.run_dir, "curves.png"))
+            if main:
+                write_summary(cfg.run_dir, self.summary)
+                plot_metrics(os.path.join(cfg.run_dir, "metrics.jsonl"), os.path.join(cfg.run_dir, "curves.png"))
         return self.summary

@@ -1,15 +1,21 @@
-"""What every job of a run needs on the host: mesh, tokenizer, environments, rollout engines."""
+"""What every job of a run needs on the host: meshes, tokenizer, environments, rollout engines.
+
+Two meshes: ``mesh`` holds the train state and runs the scoring passes and updates (it spans
+every process's devices); ``sample_mesh`` runs this process's sampler (its local devices),
+so the rollout loop of each process stays on its own host. In one process they are the same.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from steppo_jax import envs
+from steppo_jax import envs, sharding
 from steppo_jax.rollout import RolloutEngine, RolloutSettings, TrajectoryRecord, packed_batch, step_rows_batch
 from steppo_jax.sampling import Sampler, SamplingParams
 from steppo_jax.tokenizer import load_tokenizer
@@ -18,16 +24,48 @@ from steppo_jax.train.state import make_mesh
 from steppo_jax.types import StepBatch
 
 
+def local_mesh(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
+    """This process's share of a mesh spanning several processes: its local devices with the
+    same axes, the tensor axis kept and as much of the fsdp axis as fits (the rest is data)."""
+    if mesh.devices.size != jax.device_count():
+        raise ConfigError(f"with {jax.process_count()} processes the mesh must use all {jax.device_count()} "
+                          f"devices, not {mesh.devices.size} (set mesh.data=-1)")
+    n, t = jax.local_device_count(), mesh.shape["tensor"]
+    if n % t:
+        raise ConfigError(f"mesh.tensor={t} must divide the {n} devices of each process")
+    f = math.gcd(mesh.shape["fsdp"], n // t)
+    explicit = all(a == AxisType.Explicit for a in mesh.axis_types)
+    return sharding.make_mesh(n // (f * t), f, t, explicit=explicit, devices=jax.local_devices())
+
+
+def _check_process_rows(mesh: jax.sharding.Mesh) -> None:
+    """Process p's devices must hold rows [p * n, (p + 1) * n) of a batch over (data, fsdp):
+    each process puts the rows of its own trajectories there."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    where = NamedSharding(mesh, P(("data", "fsdp"))).addressable_devices_indices_map((shards,))
+    rows = {index[0].start or 0 for index in where.values()}
+    n, p = shards // jax.process_count(), jax.process_index()
+    if rows != set(range(p * n, (p + 1) * n)):
+        raise ConfigError(f"process {p} holds batch shards {sorted(rows)} of the mesh, not a contiguous block: "
+                          "this device order cannot split the batch by process")
+
+
 @dataclasses.dataclass
 class Runtime:
     cfg: Config
     mesh: jax.sharding.Mesh
+    sample_mesh: jax.sharding.Mesh
     tokenizer: Any
     pool: envs.EnvPool
 
     @classmethod
     def create(cls, cfg: Config) -> "Runtime":
-        return cls(cfg, make_mesh(cfg), load_tokenizer(cfg.model.tokenizer),
+        mesh = make_mesh(cfg)
+        sample_mesh = mesh
+        if jax.process_count() > 1:
+            sample_mesh = local_mesh(mesh)
+            _check_process_rows(mesh)
+        return cls(cfg, mesh, sample_mesh, load_tokenizer(cfg.model.tokenizer),
                    envs.EnvPool(num_workers=8, timeout_s=cfg.env.step_timeout_s))
 
     def env_factory(self) -> Callable[[], envs.Environment]:
@@ -43,26 +81,49 @@ class Runtime:
     def settings(self) -> RolloutSettings:
         return RolloutSettings(max_steps=self.cfg.env.max_steps, max_context=self.cfg.rollout.max_context)
 
-    def sampler(self, model, batch_size: int, *, greedy: bool = False) -> Sampler:
+    def sampler(self, model, batch_size: int, *, greedy: bool = False, first_row: int = 0) -> Sampler:
+        """A sampler on ``sample_mesh`` for rows [first_row, first_row + batch_size) of a batch."""
         r = self.cfg.rollout
         sampling = SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, greedy=greedy)
         return Sampler(model, batch_size=batch_size, capacity=r.max_context, max_new_tokens=r.max_new_tokens,
-                       sampling=sampling, mesh=self.mesh)
+                       sampling=sampling, mesh=self.sample_mesh, first_row=first_row)
+
+    def to_sample_mesh(self, params):
+        """``params`` of the train mesh as this process's sampling replica on ``sample_mesh``
+        (the same arrays in one process). Across processes each parameter is gathered onto
+        every device, then laid out on the local devices with its own partition spec."""
+        if self.sample_mesh is self.mesh:
+            return params
+        full = jax.jit(lambda tree: tree, out_shardings=NamedSharding(self.mesh, P()))(params)
+
+        def local(x, whole):
+            return jax.device_put(whole.addressable_data(0), NamedSharding(self.sample_mesh, x.sharding.spec))
+
+        return jax.tree.map(local, params, full)
 
     def engine(self, sampler, make_env=None) -> RolloutEngine:
         return RolloutEngine(make_env or self.env_factory(), self.tokenizer, sampler, self.settings(), self.pool)
 
-    def layout(self, records: list[TrajectoryRecord], num_rows: int | None = None) -> StepBatch:
-        """The configured layout of a batch of records (numpy arrays), rows bucketed."""
+    def layout(self, records: list[TrajectoryRecord], num_rows: int | None = None,
+               seq_len: int | None = None) -> StepBatch:
+        """The configured layout of a batch of records (numpy arrays), rows and length bucketed
+        unless given (``num_rows`` applies to per-step rows; packed rows are the records)."""
         if self.cfg.rollout.layout == "packed":
-            return packed_batch(records, self.cfg.env.max_steps)
-        return step_rows_batch(records, self.cfg.env.max_steps, num_rows=num_rows)
+            return packed_batch(records, self.cfg.env.max_steps, seq_len=seq_len)
+        return step_rows_batch(records, self.cfg.env.max_steps, num_rows=num_rows, seq_len=seq_len)
 
     def batch_sharding(self) -> NamedSharding:
         """Rows over (data, fsdp); everything else replicated."""
         return NamedSharding(self.mesh, P(("data", "fsdp")))
 
     def put(self, tree):
-        """Places a host pytree of row-major arrays with ``batch_sharding``."""
+        """Places a host pytree of row-major arrays with ``batch_sharding`` (every process
+        passes the whole batch)."""
         sharding = self.batch_sharding()
         return jax.tree.map(lambda x: jax.device_put(np.asarray(x), sharding), tree)
+
+    def put_local(self, tree):
+        """Global arrays [P * n, ...] with ``batch_sharding`` from each process's own rows
+        [n, ...] (process p's rows come p-th)."""
+        sharding = self.batch_sharding()
+        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)

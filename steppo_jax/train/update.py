@@ -17,6 +17,7 @@ from flax import nnx
 from steppo_jax import credit, losses
 from steppo_jax.estimators import EstimatorConfig, get_estimator
 from steppo_jax.models import token_logprobs
+from steppo_jax.sharding import constrain
 from steppo_jax.train.config import AlgoSection
 from steppo_jax.train.state import Models, TrainState
 from steppo_jax.types import StepBatch
@@ -96,6 +97,14 @@ def assign_credit(batch: StepBatch, values_bt, *, algo: AlgoSection):
     return est.fn(batch, values_bt, estimator_config(algo)), rewards
 
 
+def take_rows(batch: TrainBatch, rows: jax.Array) -> TrainBatch:
+    """The minibatch of ``rows`` [M] (a global row index, the same on every process): every
+    leaf [B, ...] -> [M, ...], batch-sharded. A cross-row gather, so it reads replicated copies."""
+    def take(x):
+        return constrain(credit.replicated(x)[rows], ("batch",) + (None,) * (x.ndim - 1))
+    return jax.tree.map(take, batch)
+
+
 def loss_fn(params, mb: TrainBatch, models: Models, algo: AlgoSection, temperature: float):
     """Policy loss + value_coef * value loss (+ KL, - entropy bonus) and metrics."""
     logp, ent, values = forward(models, params, mb.tokens, mb.segment_ids, temperature)
@@ -143,9 +152,11 @@ def loss_fn(params, mb: TrainBatch, models: Models, algo: AlgoSection, temperatu
 
 
 def make_update(models: Models, algo: AlgoSection, temperature: float, tx: optax.GradientTransformation):
-    """update(state, minibatch) -> (state, metrics); jit it with donation of the state."""
+    """update(state, batch, rows) -> (state, metrics): one step on the minibatch ``rows`` [M]
+    of ``batch`` (see ``take_rows``); jit it with donation of the state."""
 
-    def update(state: TrainState, mb: TrainBatch):
+    def update(state: TrainState, batch: TrainBatch, rows: jax.Array):
+        mb = take_rows(batch, rows)
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, mb, models, algo, temperature)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
