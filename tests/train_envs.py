@@ -16,21 +16,18 @@ class ChainEnv(ToolEnv):
     """Two picks among four colours; each right pick earns 0.5, success is both right (the
     same target for every task: a two-step credit problem a tiny model learns in a few
     iterations). ``nan_task`` makes that task's rewards NaN (fault tests);
-    ``raise_task`` makes its steps raise; ``name_task`` names the task in the opening message
-    (trajectories then depend on which tasks were run, not only on how many)."""
+    ``raise_task`` makes its steps raise."""
 
     name = "chain_test"
 
-    def __init__(self, *, max_steps: int = 2, max_invalid_calls: int = 3, nan_task: int = -1, raise_task: int = -1,
-                 name_task: bool = False):
+    def __init__(self, *, max_steps: int = 2, max_invalid_calls: int = 3, nan_task: int = -1, raise_task: int = -1):
         super().__init__(max_steps=max_steps, max_invalid_calls=max_invalid_calls, invalid_penalty=0.0)
-        self.nan_task, self.raise_task, self.name_task = nan_task, raise_task, name_task
+        self.nan_task, self.raise_task = nan_task, raise_task
 
     def _new_task(self, task_id: int, seed: int) -> Reset:
         self.task_id, self.picks = task_id, []
         tools = [tool_schema("pick", "Pick a colour.", {"colour": {"type": "string", "enum": COLOURS}})]
-        prompt = f"Task {task_id}: pick two colours." if self.name_task else "Pick two colours."
-        return Reset([{"role": "user", "content": prompt}], tools, self.anchor())
+        return Reset([{"role": "user", "content": "Pick two colours."}], tools, self.anchor())
 
     def _run_tool(self, call: ToolCall) -> ToolOutcome:
         self.picks.append(call.arguments["colour"])

@@ -13,8 +13,8 @@
 #   STEPPO_DISTRIBUTED=1 JAX_COORDINATOR_ADDRESS=h0:PORT JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i \
 #     steppo train --config ...
 #
-# (the trainer calls jax.distributed.initialize() when STEPPO_DISTRIBUTED is set; JAX reads
-# JAX_COORDINATOR_ADDRESS itself, the trainer passes the other two).
+# (the trainer calls jax.distributed.initialize() when STEPPO_DISTRIBUTED is set, passing it
+# the three JAX_* variables).
 #
 #   tpu_scripts/gpu_launch.sh --hosts gpu-a,gpu-b --config configs/paper_textworld_qwen3_4b.yaml \
 #       --checkpoint hf://Qwen/Qwen3-4B-Instruct-2507
