@@ -47,16 +47,18 @@ def leaves(tree):
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_tiny_model_learns(tmp_path, seed):
-    """From a policy cloned on random picks, StepPO raises the reward of the two-step task."""
-    cfg = tiny_config(tmp_path, f"seed={seed}", "train.iterations=15", "train.checkpoint_every=100",
-                      "rollout.tasks_per_iter=8", "optim.lr=1e-4", "sft.steps=200")
-    summary = Trainer(cfg, policy_params=warm_start(cfg), log=lambda _: None).fit()
+    """The demo at a smaller size: from the shipped warm start (which answers two-hop
+    questions after one search), 10 StepPO iterations raise greedy success on held-out tasks."""
+    cfg = load_config(str(ROOT / "configs/default.yaml"),
+                      [f"seed={seed}", f"run_dir={tmp_path}", "train.iterations=10", "train.eval_every=5",
+                       "train.checkpoint_every=100", "env.eval_tasks=32"])
+    summary = Trainer(cfg, log=lambda _: None).fit()
+    assert summary["final_success_rate"] >= summary["initial_success_rate"] + 0.25, summary
     records = read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
-    assert [r["iteration"] for r in records] == list(range(-1, 15))
-    rewards = [r["reward/mean"] for r in records[1:]]
-    assert np.mean(rewards[-3:]) >= np.mean(rewards[:3]) + 0.05, rewards
-    for key in ("reward/mean", "policy/entropy", "policy/clip_frac", "value/loss", "value/explained_var",
-                "steps/mean", "tokens/action", "time/rollout", "time/passes", "time/update"):
+    assert [r["iteration"] for r in records] == list(range(-1, 10))
+    assert min(r["reward/mean"] for r in records[1:]) > 0.2  # no collapse along the way
+    for key in ("reward/mean", "policy/entropy", "policy/clip_frac", "policy/kl", "value/loss", "value/explained_var",
+                "steps/mean", "tokens/action", "time/rollout", "time/passes", "time/update", "eval/success"):
         assert key in records[-1], key
     assert os.path.getsize(os.path.join(tmp_path, "curves.png")) > 10_000
     assert json.loads(Path(tmp_path, "summary.json").read_text())["final_success_rate"] == summary["final_success_rate"]
