@@ -68,12 +68,12 @@ def main():
             r = results[-1]
             print(f"{name} seed {seed}: greedy {r['initial']:.1%} -> {r['final']:.1%}, evals {r['evals']}, "
                   f"sampled reward {r['reward_first5']:.2f} -> {r['reward_last5']:.2f} ({r['wall_s']:.0f}s)", flush=True)
-    iters = sorted(results[0]["evals"])
-    print("\n| variant | seed | greedy success at iteration 0, " + ", ".join(map(str, iters))
-          + " | sampled reward, first 5 -> last 5 iterations |")
+    iters = sorted(results[0]["evals"])  # 0 = the warm start
+    print("\n| variant | seed | greedy success after " + " / ".join(map(str, iters))
+          + " iterations | sampled reward, first 5 -> last 5 iterations |")
     print("|---|---|---|---|")
     for r in results:
-        curve = " → ".join(f"{v:.0%}" for v in [r["initial"], *(r["evals"][i] for i in iters)])
+        curve = " / ".join(f"{r['evals'][i]:.0%}" for i in iters)
         print(f"| {r['variant']} | {r['seed']} | {curve} | {r['reward_first5']:.2f} → {r['reward_last5']:.2f} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"machine": platform.platform(), "results": results}, indent=1))
