@@ -110,6 +110,22 @@ def test_separate_critic_starts_from_the_warm_started_policy(tmp_path):
     assert "value_head" in params["critic"]
 
 
+def test_separate_critic_of_an_hf_checkpoint_starts_from_its_trunk(tmp_path):
+    from flax import nnx
+
+    from steppo_jax.models import save_hf_checkpoint
+
+    cfg = tiny_config(tmp_path)
+    rt = Runtime.create(cfg)
+    models, params = build_models(cfg, len(rt.tokenizer), rt.mesh)
+    save_hf_checkpoint(nnx.merge(models.policy_def, params["policy"]), str(tmp_path / "hf"))
+    hf = tiny_config(tmp_path, "model.source=hf", f"model.hf_path={tmp_path / 'hf'}", "model.critic=separate",
+                     "model.tokenizer=null")
+    _, loaded = build_models(hf, len(rt.tokenizer), rt.mesh)
+    for x, y in zip(leaves(loaded["critic"]["trunk"]), leaves(params["policy"]), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_environment_failures_are_counted_not_fatal(tmp_path):
     cfg = tiny_config(tmp_path, "sft.steps=20", "env.options={raise_task: 5}")
     trainer = Trainer(cfg, policy_params=warm_start(cfg), log=lambda _: None)

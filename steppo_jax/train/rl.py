@@ -100,17 +100,16 @@ class Trainer:
                                             policy_params, params["policy"])
         elif cfg.model.warm_start:
             params["policy"] = load_policy_params(cfg.model.warm_start, params["policy"])
-        if self.models.critic == "separate" and cfg.model.source == "tiny" and (policy_params is not None or cfg.model.warm_start):
+        if self.models.critic == "separate" and (policy_params is not None or cfg.model.warm_start):
             params["critic"] = critic_from_policy(params["critic"], params["policy"])
         self.ref_params = copy_tree(params["policy"]) if cfg.algo.kl_coef else None
         self.tx = make_optimizer(o, cfg.train.iterations * o.epochs * o.minibatches)
         with jax.set_mesh(self.rt.mesh):
             self.state = init_state(params, self.tx)
         self.update = jax.jit(make_update(self.models, cfg.algo, r.temperature, self.tx), donate_argnums=0)
-        policy = nnx.merge(self.models.policy_def, params["policy"])
+        policy = nnx.merge(self.models.policy_def, self.rt.to_sample_mesh(params["policy"]))
         local_rows = self.local_tasks * r.group_size
         self.sampler = self.rt.sampler(policy, local_rows, first_row=distributed.process_index() * local_rows)
-        self.sampler.set_params(self.rt.to_sample_mesh(params["policy"]))
         self.engine = self.rt.engine(self.sampler)
         self.evaluator = Evaluator(self.rt, self.models.policy_def, params["policy"])
         self.tasks = TaskBatches(cfg.env.eval_seed, r.tasks_per_iter, cfg.seed)

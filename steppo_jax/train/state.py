@@ -81,15 +81,13 @@ def build_models(cfg: Config, vocab_size: int, mesh) -> tuple[Models, Any]:
         policy = create_sharded(lambda: Decoder(mc, rngs=nnx.Rngs(cfg.seed)), mesh)
     critic = None
     if critic_kind == "separate":
-        if cfg.model.source == "hf":
-            trunk, _ = load_hf_checkpoint(cfg.model.hf_path, cfg.model.dtype, mesh=mesh)
-            critic = Critic(mc, rngs=nnx.Rngs(cfg.seed + 1), trunk=trunk)
-        else:
-            critic = create_sharded(lambda: Critic(mc, rngs=nnx.Rngs(cfg.seed + 1)), mesh)
+        critic = create_sharded(lambda: Critic(mc, rngs=nnx.Rngs(cfg.seed + 1)), mesh)
     elif critic_kind == "shared":
         critic = create_sharded(lambda: ValueHead(mc.d_model, rngs=nnx.Rngs(cfg.seed + 1)), mesh)
     policy_def, policy_params = nnx.split(policy)
     critic_def, critic_params = nnx.split(critic) if critic is not None else (None, None)
+    if critic_kind == "separate" and cfg.model.source == "hf":  # the checkpoint's trunk, read once
+        critic_params = critic_from_policy(critic_params, policy_params)
     models = Models(mc, policy_def, critic_def, critic_kind, estimator.critic if critic_kind else None)
     return models, {"policy": policy_params, "critic": critic_params}
 
