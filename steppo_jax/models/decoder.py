@@ -67,11 +67,13 @@ class Decoder(nnx.Module):
         """Logits [B,T,V] float32; arguments as in `hidden`."""
         return self.logits(self.hidden(tokens, positions, segment_ids, attention_mask))
 
+    def lm_weight(self, dtype) -> jax.Array:
+        """The LM head's weight [D, V] in ``dtype`` (the embedding's transpose when tied)."""
+        return use_weight(self.embed, dtype).T if self.config.tie_embeddings else use_weight(self.lm_head, dtype)
+
     def logits(self, h: jax.Array) -> jax.Array:
         """LM head: hidden [..., D] -> logits [..., V] float32."""
-        dt = h.dtype
-        w = use_weight(self.embed, dt).T if self.config.tie_embeddings else use_weight(self.lm_head, dt)
-        return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
+        return jnp.einsum("...d,dv->...v", h, self.lm_weight(h.dtype), preferred_element_type=jnp.float32)
 
     # -- cached forward (sampling) -------------------------------------------------------------
     def extend(self, tokens, positions, valid, kv, span: int | None = None):
