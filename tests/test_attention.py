@@ -157,6 +157,9 @@ def test_bad_shapes_error():
     q, k, v, _ = _qkv(0, 1, 8, 3, 2, 8)
     with pytest.raises(ValueError, match="H % K"):
         attention.self_attention(q, k, v, impl="chunked")
+    q, k, v, _ = _qkv(0, 1, 8, 2, 2, 8, s=6)
+    with pytest.raises(ValueError, match="same rows"):
+        attention.self_attention(q, k, v)
 
 
 def test_chunked_sharded_equals_single_device():

@@ -64,6 +64,8 @@ def self_attention(q, k, v, *, segment_ids=None, valid=None, impl: str = "dense"
     'splash' in Pallas interpret mode (tests on CPU). Returns y [B, T, H, hd] in q.dtype.
     """
     _check(q, k, v)
+    if k.shape[1] != q.shape[1]:
+        raise ValueError(f"self_attention expects keys of the same rows: q {q.shape}, k {k.shape}")
     impl = resolve(impl)
     if impl == "splash":
         return _splash(q, k, v, segment_ids, valid, interpret)
