@@ -28,6 +28,7 @@ RULES: dict[str, tuple[str, ...] | None] = {
     "head_dim": None,
     "norm": None,
     "length": None,
+    "layers": None,
 }
 
 
@@ -39,9 +40,15 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, *, explicit: bool =
                          devices=devices)
 
 
+# The sampler's layout: weights sharded over tensor only, whole over (data, fsdp), so decoding
+# never gathers FSDP shards per token. Resharded once per policy update.
+DECODE_RULES = {**RULES, "embed": None}
+
+
 def logical_spec(names: Sequence[str | None], shape: Sequence[int] | None = None,
-                 mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None) -> P:
-    """PartitionSpec for logical axis `names` (one per dimension) under `RULES`.
+                 mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+                 rules: dict[str, tuple[str, ...] | None] = RULES) -> P:
+    """PartitionSpec for logical axis `names` (one per dimension) under `rules`.
 
     With `mesh` (and `shape`), mesh axes missing from the mesh or not dividing the dimension are
     dropped; a mesh axis is used at most once per spec.
@@ -51,7 +58,7 @@ def logical_spec(names: Sequence[str | None], shape: Sequence[int] | None = None
     for i, name in enumerate(names):
         axes = []
         size = 1
-        for axis in (RULES[name] or ()) if name is not None else ():
+        for axis in (rules[name] or ()) if name is not None else ():
             if axis in used:
                 continue
             if mesh is not None:
@@ -71,12 +78,13 @@ def _is_var(x) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def state_shardings(state: Any, mesh: jax.sharding.Mesh) -> Any:
-    """NamedSharding tree for an `nnx.State` (concrete or abstract) from `logical_axes` metadata."""
+def state_shardings(state: Any, mesh: jax.sharding.Mesh, rules=RULES) -> Any:
+    """NamedSharding tree for an `nnx.State` (concrete or abstract) from `logical_axes` metadata
+    (`rules`: `RULES` for training, `DECODE_RULES` for the sampler's copy)."""
 
     def one(v):
         names = v.get_metadata().get("logical_axes") or (None,) * v.get_value().ndim
-        return v.replace(NamedSharding(mesh, logical_spec(names, v.get_value().shape, mesh)))
+        return v.replace(NamedSharding(mesh, logical_spec(names, v.get_value().shape, mesh, rules)))
 
     return jax.tree.map(one, state, is_leaf=_is_var)
 

@@ -88,7 +88,7 @@ def test_literal_lists_choices():
     assert msg.startswith("algo.estimator") and "'ppo'" in msg
     for choice in ("step_gae", "token_gae", "grpo", "rloo", "reinforce_pp", "gigpo"):
         assert repr(choice) in msg
-    assert "'float32', 'bfloat16'" in _error(["model.dtype=fp16"])
+    assert "'float32', 'bfloat16'" in _error(["model.param_dtype=fp16"])
 
 
 @pytest.mark.parametrize("override, needle", [

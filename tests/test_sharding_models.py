@@ -42,10 +42,10 @@ def _main(axis_types: str, tmp: str) -> None:
     model = create_sharded(lambda: Decoder(cfg, rngs=nnx.Rngs(0)), mesh)
 
     # placement: parameters are born sharded by the rule table
-    q = model.layers[0].attn.q.get_value()
-    assert q.sharding.spec == P("fsdp", "tensor", None), q.sharding
+    q = model.layers.attn.q.get_value()  # stacked layers: [L, D, H, hd]
+    assert q.sharding.spec == P(None, "fsdp", "tensor", None), q.sharding
     assert model.embed.get_value().sharding.spec == P("tensor", "fsdp")
-    assert model.layers[0].attn.k_bias.get_value().sharding.spec == P("tensor", None)
+    assert model.layers.attn.k_bias.get_value().sharding.spec == P(None, "tensor", None)
     for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(ref))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7)
 
@@ -90,7 +90,7 @@ def _main(axis_types: str, tmp: str) -> None:
     # loading a checkpoint straight into shards
     save_hf_checkpoint(ref, tmp)
     loaded, _ = load_hf_checkpoint(tmp, dtype="float32", mesh=mesh)
-    assert loaded.layers[1].mlp.down.get_value().sharding.spec == P("tensor", "fsdp")
+    assert loaded.layers.mlp.down.get_value().sharding.spec == P(None, "tensor", "fsdp")
     for a, b in zip(jax.tree.leaves(nnx.state(loaded)), jax.tree.leaves(nnx.state(ref))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     print("ALL OK")

@@ -14,6 +14,8 @@ ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
 }
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+ATTENTION = ("auto", "dense", "chunked", "splash", "cudnn")
+REMAT = ("none", "full", "save_dots")
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -25,7 +27,10 @@ class ModelConfig:
     `rope_scaling` is HF's `rope_parameters` minus `rope_theta`, as sorted (key, value) pairs so
     the config stays hashable (it is a static argument of jitted functions). `param_dtype` is the
     storage dtype of the weights, `dtype` the compute dtype of activations; norms, softmax and
-    logits are always computed in float32.
+    logits are always computed in float32. `attention` names the kernel
+    (`steppo_jax.models.attention`; `auto` picks per backend) and `attention_block` its key
+    block; `remat` rematerialises each block in the backward pass (`none`, `full`, or
+    `save_dots`: keep the projections' outputs).
     """
 
     model_type: str = "llama"
@@ -49,6 +54,9 @@ class ModelConfig:
     eos_token_id: int | tuple[int, ...] | None = None
     param_dtype: str = "float32"
     dtype: str = "float32"
+    attention: str = "auto"
+    attention_block: int = 512
+    remat: str = "none"
 
     def __post_init__(self):
         if self.model_type not in ARCHITECTURES:
@@ -59,6 +67,12 @@ class ModelConfig:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(f"unsupported rope_scaling type {self.rope_type!r}; supported: {ROPE_TYPES}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention={self.attention!r}; expected one of {ATTENTION}")
+        if self.remat not in REMAT:
+            raise ValueError(f"remat={self.remat!r}; expected one of {REMAT}")
+        if self.attention_block < 1:
+            raise ValueError(f"attention_block={self.attention_block} must be >= 1")
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {sorted(_DTYPES)}")

@@ -10,7 +10,7 @@ from flax import nnx
 
 from steppo_jax import sharding
 from steppo_jax.models.config import ModelConfig
-from steppo_jax.models.layers import ACT, Block, RMSNorm, make_mask, param, use_weight
+from steppo_jax.models.layers import ACT, Block, RMSNorm, param, use_weight
 from steppo_jax.models.rope import rope_tables
 
 
@@ -28,12 +28,38 @@ def default_positions(tokens, segment_ids=None, attention_mask=None) -> jax.Arra
     return idx
 
 
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    # keeps the projections' outputs (matmuls without batch dimensions), recomputes the rest
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+    """`cfg.n_layers` blocks as one `Block` whose parameters carry a leading "layers" axis."""
+
+    @nnx.split_rngs(splits=cfg.n_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(r):
+        return Block(cfg, rngs=r)
+
+    blocks = make(rngs)
+    for _, var in nnx.iter_graph(blocks):
+        if isinstance(var, nnx.Variable):
+            var.set_metadata(logical_axes=("layers", *var.get_metadata()["logical_axes"]))
+    return blocks
+
+
 class Decoder(nnx.Module):
     """Llama3 / Qwen2 / Qwen3 causal decoder.
 
     `model(tokens [B,T]) -> logits [B,T,V] float32`; `model.hidden(...) -> [B,T,D]` is the
     final-norm output (what the LM head and a value head read). `lm_head=False` builds a trunk
     only (for a separate critic); then `logits` is unavailable unless embeddings are tied.
+
+    The layers are one stacked `Block` (every parameter [L, ...]) run under `lax.scan`, so
+    compile time does not grow with depth; `config.remat` rematerialises each block in the
+    backward pass.
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, lm_head: bool = True):
@@ -41,7 +67,7 @@ class Decoder(nnx.Module):
         pd = cfg.jnp_param_dtype
         self.config = cfg
         self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pd)
-        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.layers = _stacked_blocks(cfg, rngs)
         self.norm = RMSNorm(cfg.d_model, cfg.rms_eps, pd)
         if lm_head and not cfg.tie_embeddings:
             self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pd)
@@ -52,15 +78,20 @@ class Decoder(nnx.Module):
 
         tokens [B,T] int; positions [B,T] (default: `default_positions`); segment_ids [B,T]
         (tokens attend only within their segment); attention_mask [B,T] bool (False = padding,
-        never attended to).
+        never attended to). Attention is causal by token order within a segment.
         """
         if positions is None:
             positions = default_positions(tokens, segment_ids, attention_mask)
-        mask = packed_mask(positions, segment_ids, attention_mask)
         x = self._embed(tokens)
         cos, sin = rope_tables(self.config, positions)
-        for layer in self.layers:
-            x, _ = layer(x, cos, sin, mask)
+        graphdef, stacked = nnx.split(self.layers)
+
+        def body(x, layer):
+            return nnx.merge(graphdef, layer)(x, cos, sin, segment_ids, attention_mask), None
+
+        if self.config.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.config.remat], prevent_cse=False)
+        x, _ = jax.lax.scan(body, x, stacked)
         return self.norm(x)
 
     def __call__(self, tokens, positions=None, segment_ids=None, attention_mask=None) -> jax.Array:
@@ -79,23 +110,26 @@ class Decoder(nnx.Module):
     def extend(self, tokens, positions, valid, kv, span: int | None = None):
         """Appends tokens to a KV cache and returns their hidden states.
 
-        tokens, positions [B,T] int32; valid [B,T] bool; kv: tuple over layers of (k, v), each
-        [B,L,K,hd]. Cache slot == position: token (b,t) is written at slot positions[b,t] when
+        tokens, positions [B,T] int32; valid [B,T] bool; kv: (k, v), each [L,B,C,K,hd] (see
+        `init_kv`). Cache slot == position: token (b,t) is written at slot positions[b,t] when
         valid (invalid ones are dropped), then attends to slots <= its position. The caller keeps
-        every slot below a row's new positions filled. `span` (static, default L): attend over
+        every slot below a row's new positions filled. `span` (static, default C): attend over
         slots [0, span) only, which must cover every position in this call; it saves reading the
         cache's unused tail. Returns (hidden [B,T,D], kv).
         """
-        cap = kv[0][0].shape[1]
+        cap = kv[0].shape[2]
         slots = jnp.where(valid, positions, cap)
-        mask = make_mask(positions, jnp.arange(span or cap, dtype=positions.dtype)[None])
         x = self._embed(tokens)
         cos, sin = rope_tables(self.config, positions)
-        new_kv = []
-        for layer, layer_kv in zip(self.layers, kv):
-            x, layer_kv = layer(x, cos, sin, mask, layer_kv, slots)
-            new_kv.append(layer_kv)
-        return self.norm(x), tuple(new_kv)
+        graphdef, stacked = nnx.split(self.layers)
+
+        def body(carry, layer):
+            x, kv, i = carry
+            x, kv = nnx.merge(graphdef, layer).extend(x, cos, sin, kv, i, slots, positions, span or cap)
+            return (x, kv, i + 1), None
+
+        (x, kv, _), _ = jax.lax.scan(body, (x, kv, jnp.zeros((), jnp.int32)), stacked)
+        return self.norm(x), kv
 
     def _embed(self, tokens) -> jax.Array:
         dt = self.config.jnp_dtype
@@ -104,18 +138,12 @@ class Decoder(nnx.Module):
 
 
 def init_kv(config: ModelConfig, batch: int, capacity: int):
-    """An empty cache: tuple over layers of (k, v) zeros [batch, capacity, K, hd] (compute dtype),
+    """An empty cache (k, v): zeros [L, batch, capacity, K, hd] each (compute dtype),
     batch-sharded over (data, fsdp) and kv heads over tensor under a mesh."""
-    shape = (batch, capacity, config.n_kv_heads, config.head_dim)
-    names = ("batch", "length", "kv_heads", "head_dim")
+    shape = (config.n_layers, batch, capacity, config.n_kv_heads, config.head_dim)
+    names = ("layers", "batch", "length", "kv_heads", "head_dim")
     zeros = lambda: sharding.constrain(jnp.zeros(shape, config.jnp_dtype), names)  # noqa: E731
-    return tuple((zeros(), zeros()) for _ in range(config.n_layers))
-
-
-def packed_mask(positions, segment_ids=None, attention_mask=None) -> jax.Array:
-    """[B,T,T] mask of a packed forward: causal by position order, same segment, key valid."""
-    order = jnp.cumsum(jnp.ones_like(positions), axis=1) - 1
-    return make_mask(order, order, segment_ids, segment_ids, attention_mask)
+    return zeros(), zeros()
 
 
 class ValueHead(nnx.Module):

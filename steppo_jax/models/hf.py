@@ -27,7 +27,11 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def _param_map(cfg: ModelConfig) -> dict[tuple, tuple[str, Callable, Callable]]:
-    """Our state path -> (HF tensor name, hf_to_ours, ours_to_hf) on numpy arrays."""
+    """Our state path -> (HF tensor name, hf_to_ours, ours_to_hf) on numpy arrays.
+
+    Layer parameters are stacked ([L, ...] under path ("layers", ...)); their HF name holds
+    a ``{i}`` for the layer index and the conversions act on one layer.
+    """
     d, h, k, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     same = (lambda x: x, lambda x: x)
     tr = (lambda x: x.T, lambda x: x.T)
@@ -43,34 +47,31 @@ def _param_map(cfg: ModelConfig) -> dict[tuple, tuple[str, Callable, Callable]]:
            ("norm", "weight"): ("model.norm.weight", *same)}
     if not cfg.tie_embeddings:
         out[("lm_head",)] = ("lm_head.weight", *tr)
-    for i in range(cfg.n_layers):
-        pre = f"model.layers.{i}."
-        lay = ("layers", i)
-        entries = {
-            ("attn_norm", "weight"): ("input_layernorm.weight", *same),
-            ("mlp_norm", "weight"): ("post_attention_layernorm.weight", *same),
-            ("attn", "q"): ("self_attn.q_proj.weight", *proj_in(h)),
-            ("attn", "k"): ("self_attn.k_proj.weight", *proj_in(k)),
-            ("attn", "v"): ("self_attn.v_proj.weight", *proj_in(k)),
-            ("attn", "o"): ("self_attn.o_proj.weight", *o),
-            ("mlp", "gate"): ("mlp.gate_proj.weight", *tr),
-            ("mlp", "up"): ("mlp.up_proj.weight", *tr),
-            ("mlp", "down"): ("mlp.down_proj.weight", *tr),
-        }
-        if cfg.qkv_bias:
-            entries[("attn", "q_bias")] = ("self_attn.q_proj.bias", *bias_in(h))
-            entries[("attn", "k_bias")] = ("self_attn.k_proj.bias", *bias_in(k))
-            entries[("attn", "v_bias")] = ("self_attn.v_proj.bias", *bias_in(k))
-        if cfg.o_bias:
-            entries[("attn", "o_bias")] = ("self_attn.o_proj.bias", *same)
-        if cfg.qk_norm:
-            entries[("attn", "q_norm", "weight")] = ("self_attn.q_norm.weight", *same)
-            entries[("attn", "k_norm", "weight")] = ("self_attn.k_norm.weight", *same)
-        if cfg.mlp_bias:
-            for name in ("gate", "up", "down"):
-                entries[("mlp", f"{name}_bias")] = (f"mlp.{name}_proj.bias", *same)
-        for path, (name, f, g) in entries.items():
-            out[lay + path] = (pre + name, f, g)
+    entries = {
+        ("attn_norm", "weight"): ("input_layernorm.weight", *same),
+        ("mlp_norm", "weight"): ("post_attention_layernorm.weight", *same),
+        ("attn", "q"): ("self_attn.q_proj.weight", *proj_in(h)),
+        ("attn", "k"): ("self_attn.k_proj.weight", *proj_in(k)),
+        ("attn", "v"): ("self_attn.v_proj.weight", *proj_in(k)),
+        ("attn", "o"): ("self_attn.o_proj.weight", *o),
+        ("mlp", "gate"): ("mlp.gate_proj.weight", *tr),
+        ("mlp", "up"): ("mlp.up_proj.weight", *tr),
+        ("mlp", "down"): ("mlp.down_proj.weight", *tr),
+    }
+    if cfg.qkv_bias:
+        entries[("attn", "q_bias")] = ("self_attn.q_proj.bias", *bias_in(h))
+        entries[("attn", "k_bias")] = ("self_attn.k_proj.bias", *bias_in(k))
+        entries[("attn", "v_bias")] = ("self_attn.v_proj.bias", *bias_in(k))
+    if cfg.o_bias:
+        entries[("attn", "o_bias")] = ("self_attn.o_proj.bias", *same)
+    if cfg.qk_norm:
+        entries[("attn", "q_norm", "weight")] = ("self_attn.q_norm.weight", *same)
+        entries[("attn", "k_norm", "weight")] = ("self_attn.k_norm.weight", *same)
+    if cfg.mlp_bias:
+        for name in ("gate", "up", "down"):
+            entries[("mlp", f"{name}_bias")] = (f"mlp.{name}_proj.bias", *same)
+    for path, (name, f, g) in entries.items():
+        out[("layers",) + path] = ("model.layers.{i}." + name, f, g)
     return out
 
 
@@ -130,15 +131,13 @@ def _write_safetensors(path: str, arrays: dict[str, np.ndarray]) -> None:
 
 
 # -- public API ----------------------------------------------------------------------------------
-def load_hf_checkpoint(path: str, dtype: str | None = None, *, compute_dtype: str | None = None,
-                       mesh: jax.sharding.Mesh | None = None) -> tuple[Decoder, ModelConfig]:
-    """Reads a local HF Llama/Qwen2/Qwen3 directory into a `Decoder`.
+def read_hf_config(path: str, dtype: str | None = None, *, compute_dtype: str | None = None,
+                   **options) -> ModelConfig:
+    """The `ModelConfig` of HF checkpoint directory `path` from its `config.json` alone.
 
-    dtype: parameter dtype ('float32', 'bfloat16'; default: the checkpoint's). compute_dtype:
-    activation dtype (default: dtype). mesh: place each parameter directly in its sharding.
-    Raises FileNotFoundError (missing directory/config/weights), ValueError (unsupported
-    architecture, a tensor's shape mismatch or an unexpected tensor, named), KeyError (missing
-    tensor, named).
+    dtype: parameter dtype (default: the checkpoint's); compute_dtype: activation dtype (default:
+    dtype); options: other ModelConfig fields (attention, attention_block, remat).
+    Raises FileNotFoundError naming the missing directory or file.
     """
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isdir(path):
@@ -147,6 +146,21 @@ def load_hf_checkpoint(path: str, dtype: str | None = None, *, compute_dtype: st
         raise FileNotFoundError(f"config.json not found in {path}")
     with open(cfg_path) as f:
         config = ModelConfig.from_hf(json.load(f), param_dtype=dtype, dtype=compute_dtype or dtype)
+    return config.replace(**options)
+
+
+def load_hf_checkpoint(path: str, dtype: str | None = None, *, compute_dtype: str | None = None,
+                       mesh: jax.sharding.Mesh | None = None, **options) -> tuple[Decoder, ModelConfig]:
+    """Reads a local HF Llama/Qwen2/Qwen3 directory into a `Decoder`.
+
+    dtype: parameter dtype ('float32', 'bfloat16'; default: the checkpoint's). compute_dtype:
+    activation dtype (default: dtype). mesh: place each parameter directly in its sharding.
+    options: other ModelConfig fields (attention, attention_block, remat).
+    Raises FileNotFoundError (missing directory/config/weights), ValueError (unsupported
+    architecture, a tensor's shape mismatch or an unexpected tensor, named), KeyError (missing
+    tensor, named).
+    """
+    config = read_hf_config(path, dtype, compute_dtype=compute_dtype, **options)
     tensors = _open_tensors(path)
     mapping = _param_map(config)
 
@@ -157,20 +171,17 @@ def load_hf_checkpoint(path: str, dtype: str | None = None, *, compute_dtype: st
     flat_shardings = dict(nnx.to_flat_state(shardings)) if mesh is not None else {}
     used = set()
     for path_, var in flat.items():
-        name, to_ours, _ = mapping[path_]
-        if name not in tensors:
-            raise KeyError(f"tensor {name!r} missing from checkpoint {path}")
-        used.add(name)
-        raw = tensors[name]()
+        template, to_ours, _ = mapping[path_]
         want = var.get_value()
-        try:
-            host = to_ours(raw)
-        except ValueError:
-            host = raw
-        if host.shape != want.shape:
-            raise ValueError(f"tensor {name!r}: checkpoint shape {tuple(raw.shape)} does not match "
-                             f"the config (expects {tuple(want.shape)} in our layout)")
-        var.set_value(_place(host, want.dtype, flat_shardings.get(path_)))
+        layers = range(config.n_layers) if path_[0] == "layers" else [None]
+        host = []
+        for i in layers:
+            name = template.format(i=i)
+            if name not in tensors:
+                raise KeyError(f"tensor {name!r} missing from checkpoint {path}")
+            used.add(name)
+            host.append(_converted(tensors[name], to_ours, name, want.shape[1:] if i is not None else want.shape))
+        var.set_value(_place(host if path_[0] == "layers" else host[0], want.dtype, flat_shardings.get(path_)))
     extra = [n for n in tensors if n not in used and not n.endswith(_IGNORED_SUFFIXES)
              and not (config.tie_embeddings and n == "lm_head.weight")]
     if extra:
@@ -178,12 +189,33 @@ def load_hf_checkpoint(path: str, dtype: str | None = None, *, compute_dtype: st
     return nnx.merge(graphdef, nnx.from_flat_state(flat)), config
 
 
-def _place(host: np.ndarray, dtype, named_sharding) -> jax.Array:
+def _converted(load: Callable[[], np.ndarray], to_ours: Callable, name: str, shape) -> Callable[[], np.ndarray]:
+    """A loader of tensor ``name`` in our layout, its shape checked now (from the header)."""
+    raw = load()
+    try:
+        ours = to_ours(raw)
+    except ValueError:
+        ours = raw
+    if ours.shape != tuple(shape):
+        raise ValueError(f"tensor {name!r}: checkpoint shape {tuple(raw.shape)} does not match "
+                         f"the config (expects {tuple(shape)} in our layout)")
+    return lambda: to_ours(load())
+
+
+def _place(host, dtype, named_sharding) -> jax.Array:
+    """A parameter from its loader (or, for stacked layers, the list of per-layer loaders),
+    each device reading only its own shard."""
+    def read(idx):
+        if isinstance(host, list):  # stacked: idx[0] selects layers
+            return np.stack([np.asarray(f()[idx[1:]]) for f in host[idx[0]]]).astype(dtype)
+        return np.asarray(host()[idx]).astype(dtype)
+
+    full = (slice(None),) * 8
+    shape = (len(host), *host[0]().shape) if isinstance(host, list) else host().shape
     if named_sharding is None:
-        return jnp.asarray(np.asarray(host).astype(dtype))
+        return jnp.asarray(read(full[:len(shape)]))
     s = named_sharding.get_value() if isinstance(named_sharding, nnx.Variable) else named_sharding
-    return jax.make_array_from_callback(
-        host.shape, s, lambda idx: np.asarray(host[idx]).astype(dtype))
+    return jax.make_array_from_callback(shape, s, read)
 
 
 def save_hf_checkpoint(model: Decoder, path: str) -> None:
@@ -192,10 +224,15 @@ def save_hf_checkpoint(model: Decoder, path: str) -> None:
     os.makedirs(path, exist_ok=True)
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     arrays = {}
-    for path_, (name, _, to_hf) in _param_map(cfg).items():
+    for path_, (template, _, to_hf) in _param_map(cfg).items():
         if path_ not in flat:
-            raise KeyError(f"model has no parameter {path_} (for {name!r})")
-        arrays[name] = np.ascontiguousarray(to_hf(np.asarray(jax.device_get(flat[path_].get_value()))))
+            raise KeyError(f"model has no parameter {path_} (for {template!r})")
+        value = np.asarray(jax.device_get(flat[path_].get_value()))
+        if path_[0] == "layers":
+            for i in range(cfg.n_layers):
+                arrays[template.format(i=i)] = np.ascontiguousarray(to_hf(value[i]))
+        else:
+            arrays[template] = np.ascontiguousarray(to_hf(value))
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg.to_hf(), f, indent=2)
     _write_safetensors(os.path.join(path, "model.safetensors"), arrays)

@@ -1,8 +1,9 @@
 """Decoder building blocks: RMSNorm, grouped-query attention, SwiGLU MLP, the residual block.
 
 Weights are `nnx.Param`s with `logical_axes` metadata (see `steppo_jax.sharding`). They are
-stored in `param_dtype` and cast to the compute dtype at use; a weight's FSDP ("embed") sharding
-is gathered right before its matmul (`use_weight`).
+stored in `param_dtype` (float32 master weights by default) and cast to the compute dtype at
+use, so a weight's FSDP ("embed") shards are gathered in the compute dtype right before its
+matmul (`use_weight`).
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from steppo_jax.models import attention
 from steppo_jax.models.config import ModelConfig
 from steppo_jax.models.rope import apply_rope
 from steppo_jax.sharding import constrain, einsum
 
-_MASKED = -1e30  # finite, so fully masked (padding) query rows give zeros, not NaN
 ACT = ("batch", "length", None)  # logical axes of a [B, T, D] activation
 HEADS = ("batch", "length", "heads", None)
 KV_HEADS = ("batch", "length", "kv_heads", None)
@@ -35,9 +36,13 @@ def param(rngs: nnx.Rngs | None, shape, names, dtype, init: str = "normal") -> n
 
 
 def use_weight(p: nnx.Param, dtype) -> jax.Array:
-    """Weight value in compute dtype, with its FSDP axis gathered (no-op without a mesh)."""
-    names = p.get_metadata()["logical_axes"]
+    """Weight value in compute dtype, with its FSDP axis gathered (no-op without a mesh).
+
+    Inside the layer scan a stacked weight arrives as one layer's slice: its names lose the
+    leading "layers" axis.
+    """
     value = p.get_value().astype(dtype)
+    names = p.get_metadata()["logical_axes"][-value.ndim:] if value.ndim else ()
     return constrain(value, tuple(None if n == "embed" else n for n in names))
 
 
@@ -54,18 +59,11 @@ class RMSNorm(nnx.Module):
         return normed.astype(x.dtype) * self.weight.get_value().astype(x.dtype)
 
 
-def make_mask(q_pos, k_pos, q_seg=None, k_seg=None, k_valid=None) -> jax.Array:
-    """Boolean mask [B, Tq, Tk]: causal on positions, same segment, valid key."""
-    mask = k_pos[:, None, :] <= q_pos[:, :, None]
-    if q_seg is not None:
-        mask &= q_seg[:, :, None] == k_seg[:, None, :]
-    if k_valid is not None:
-        mask &= k_valid[:, None, :]
-    return mask
-
-
 class Attention(nnx.Module):
-    """Grouped-query attention with optional q/k/v(/o) bias and Qwen3 q/k RMSNorm."""
+    """Grouped-query attention with optional q/k/v(/o) bias and Qwen3 q/k RMSNorm.
+
+    The attention kernel itself is `steppo_jax.models.attention`, chosen by `cfg.attention`.
+    """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         pd = cfg.jnp_param_dtype
@@ -85,13 +83,8 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(hd, cfg.rms_eps, pd)
             self.k_norm = RMSNorm(hd, cfg.rms_eps, pd)
 
-    def __call__(self, x, cos, sin, mask, kv=None, slots=None):
-        """x [B,T,D]; cos/sin [B,T,hd]; mask [B,T,S] bool.
-
-        Without `kv`, keys are x's own tokens (S = T). With `kv = (k, v)` ([B,L,K,hd] each), this
-        call's keys/values are first written at cache `slots` [B,T] (out-of-range slots are
-        dropped), then queries attend over the first S <= L slots. Returns (y [B,T,D], kv).
-        """
+    def _qkv(self, x, cos, sin):
+        """x [B,T,D] -> q [B,T,H,hd], k, v [B,T,K,hd], rotated."""
         cfg, dt = self.cfg, x.dtype
         q = einsum("btd,dhk->bthk", x, use_weight(self.q, dt), HEADS)
         k = einsum("btd,dhk->bthk", x, use_weight(self.k, dt), KV_HEADS)
@@ -102,38 +95,42 @@ class Attention(nnx.Module):
             v = v + use_weight(self.v_bias, dt)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv is not None:
-            k, v = _write(kv[0], slots, k), _write(kv[1], slots, v)
-            kv = (k, v)
-            k, v = k[:, :mask.shape[-1]], v[:, :mask.shape[-1]]
-        y = grouped_attention(q, k.astype(dt), v.astype(dt), mask)
-        out = einsum("bthk,hkd->btd", y, use_weight(self.o, dt), ACT)
-        if cfg.o_bias:
-            out = out + use_weight(self.o_bias, dt)
-        return out, kv
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _out(self, y):
+        out = einsum("bthk,hkd->btd", y, use_weight(self.o, y.dtype), ACT)
+        if self.cfg.o_bias:
+            out = out + use_weight(self.o_bias, y.dtype)
+        return out
+
+    def __call__(self, x, cos, sin, segment_ids=None, valid=None):
+        """Self-attention of packed rows: x [B,T,D]; cos/sin [B,T,hd]; segment_ids [B,T];
+        valid [B,T] bool (False = padding). Causal by token order within a segment."""
+        q, k, v = self._qkv(x, cos, sin)
+        y = attention.self_attention(q, k, v, segment_ids=segment_ids, valid=valid,
+                                     impl=self.cfg.attention, block=self.cfg.attention_block)
+        return self._out(y)
+
+    def extend(self, x, cos, sin, cache, layer, slots, positions, span: int):
+        """Cached attention: this call's keys/values are written into layer `layer` of the
+        stacked cache (k, v) [L,B,C,K,hd] at `slots` [B,T] (out-of-range slots are dropped),
+        then queries at `positions` [B,T] attend over cache slots [0, span).
+        Returns (y [B,T,D], cache)."""
+        q, k, v = self._qkv(x, cos, sin)
+        cache = tuple(_write(c, layer, slots, new) for c, new in zip(cache, (k, v)))
+        k, v = (jax.lax.dynamic_index_in_dim(c, layer, keepdims=False)[:, :span].astype(x.dtype)
+                for c in cache)
+        y = attention.cached_attention(q, k, v, q_pos=positions, impl=self.cfg.attention,
+                                       block=self.cfg.attention_block)
+        return self._out(y), cache
 
 
-@jax.vmap
-def _write(cache, slots, new):
-    """Per row: cache [L,K,hd] with new [T,K,hd] written at slots [T] (out-of-range dropped)."""
-    return cache.at[slots].set(new.astype(cache.dtype), mode="drop")
-
-
-def grouped_attention(q, k, v, mask) -> jax.Array:
-    """Softmax attention. q [B,T,H,hd], k/v [B,S,K,hd], mask [B,T,S] -> [B,T,H,hd].
-
-    Query head h uses key/value head h // (H // K). Scores and softmax in float32.
-    """
-    b, t, h, hd = q.shape
-    kh = k.shape[2]
-    qg = q.reshape(b, t, kh, h // kh, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * (hd ** -0.5)
-    scores = jnp.where(mask[:, None, None], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    y = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return y.reshape(b, t, h, hd)
+def _write(cache, layer, slots, new):
+    """cache [L,B,C,K,hd] with new [B,T,K,hd] written at (layer, b, slots[b]) (out-of-range
+    slots dropped): one in-place scatter into the stacked cache."""
+    def row(c, s, n):  # c [L,C,K,hd]
+        return c.at[layer, s].set(n.astype(c.dtype), mode="drop")
+    return jax.vmap(row, in_axes=(1, 0, 0), out_axes=1)(cache, slots, new)
 
 
 class MLP(nnx.Module):
@@ -173,8 +170,11 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_eps, pd)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, kv=None, slots=None):
-        a, kv = self.attn(self.attn_norm(x), cos, sin, mask, kv, slots)
+    def __call__(self, x, cos, sin, segment_ids=None, valid=None):
+        x = constrain(x + self.attn(self.attn_norm(x), cos, sin, segment_ids, valid), ACT)
+        return constrain(x + self.mlp(self.mlp_norm(x)), ACT)
+
+    def extend(self, x, cos, sin, cache, layer, slots, positions, span: int):
+        a, cache = self.attn.extend(self.attn_norm(x), cos, sin, cache, layer, slots, positions, span)
         x = constrain(x + a, ACT)
-        x = constrain(x + self.mlp(self.mlp_norm(x)), ACT)
-        return x, kv
+        return constrain(x + self.mlp(self.mlp_norm(x)), ACT), cache

@@ -50,8 +50,22 @@ class ModelSection:
     """Local Hugging Face checkpoint directory (required when ``source`` is ``hf``)."""
     tokenizer: str | None = None
     """Tokenizer directory; None = the shipped tiny tokenizer (or ``hf_path``'s for ``hf``)."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Parameter and activation dtype."""
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Storage dtype of the trained parameters and so of Adam's moments. Keep float32 (master
+    weights) for real runs: at lr 1e-6 an update is far below half a bfloat16 ulp of a weight
+    and would round away."""
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Activation and matmul dtype; weights are cast to it at use (norms, softmax, log-probs
+    stay float32). The frozen reference policy and the sampler's copy are stored in it."""
+    attention: Literal["auto", "dense", "chunked", "splash", "cudnn"] = "auto"
+    """Attention kernel: ``dense`` materialises [T, T] scores; ``chunked`` (online softmax over
+    key blocks, any backend), ``splash`` (Pallas, TPU), ``cudnn`` (GPU) never do; ``auto``
+    picks per backend."""
+    attention_block: int = 512
+    """Key block of ``chunked`` attention (tokens)."""
+    remat: Literal["none", "full", "save_dots"] = "none"
+    """Recompute each decoder block in the backward pass: ``full`` keeps only the block inputs,
+    ``save_dots`` also keeps the projections' outputs (less recompute, more memory)."""
     d_model: int = 128
     """Tiny model: residual width."""
     n_layers: int = 2
@@ -315,7 +329,7 @@ def _get(cfg: Config, path: str) -> Any:
 
 
 _AT_LEAST_ONE = (
-    "model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.d_ff",
+    "model.d_model", "model.attention_block", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.d_ff",
     "env.max_steps", "env.eval_tasks", "rollout.group_size", "rollout.tasks_per_iter",
     "rollout.max_new_tokens", "rollout.max_context", "optim.epochs", "optim.minibatches",
     "train.checkpoint_every", "train.eval_every", "train.keep_checkpoints",

@@ -102,7 +102,8 @@ class Trainer:
             params["policy"] = load_policy_params(cfg.model.warm_start, params["policy"])
         if self.models.critic == "separate" and (policy_params is not None or cfg.model.warm_start):
             params["critic"] = critic_from_policy(params["critic"], params["policy"])
-        self.ref_params = copy_tree(params["policy"]) if cfg.algo.kl_coef else None
+        # the frozen reference is only ever read in the compute dtype: store it that way
+        self.ref_params = copy_tree(params["policy"], cfg.model.compute_dtype) if cfg.algo.kl_coef else None
         self.tx = make_optimizer(o, cfg.train.iterations * o.epochs * o.minibatches)
         with jax.set_mesh(self.rt.mesh):
             self.state = init_state(params, self.tx)

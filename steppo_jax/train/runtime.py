@@ -12,6 +12,7 @@ import math
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
@@ -48,6 +49,17 @@ def _check_process_rows(mesh: jax.sharding.Mesh) -> None:
     if rows != set(range(p * n, (p + 1) * n)):
         raise ConfigError(f"process {p} holds batch shards {sorted(rows)} of the mesh, not a contiguous block: "
                           "this device order cannot split the batch by process")
+
+
+def _to_local(x: jax.Array, target) -> jax.Array:
+    """Global array ``x``, of which this process's devices hold every index ``target`` (a
+    NamedSharding on the local mesh) needs, as an array with ``target``."""
+    held = {}
+    for shard in x.addressable_shards:
+        held.setdefault(tuple((s.start, s.stop) for s in shard.index), shard.data)
+    pieces = [jax.device_put(held[tuple((s.start, s.stop) for s in idx)], device)
+              for device, idx in target.addressable_devices_indices_map(x.shape).items()]
+    return jax.make_array_from_single_device_arrays(x.shape, target, pieces)
 
 
 @dataclasses.dataclass
@@ -89,17 +101,24 @@ class Runtime:
                        sampling=sampling, mesh=self.sample_mesh, first_row=first_row)
 
     def to_sample_mesh(self, params):
-        """``params`` of the train mesh as this process's sampling replica on ``sample_mesh``
-        (the same arrays in one process). Across processes each parameter is gathered onto
-        every device, then laid out on the local devices with its own partition spec."""
+        """The sampler's copy of policy ``params`` (train mesh): in the compute dtype, laid out
+        for decoding (``sharding.DECODE_RULES``: whole over data and fsdp, split over tensor) on
+        ``sample_mesh``. Made once per policy update, so decoding never gathers FSDP shards.
+
+        Across processes the copy is first laid out on the train mesh in the decode layout,
+        where every process's devices hold all of it (tensor stays within a process); each
+        local device then takes its shard from a local device that holds it. No device ever
+        holds more than its decode shard.
+        """
+        dtype = self.cfg.model.compute_dtype
+        cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+        decode = sharding.state_shardings(params, self.mesh, sharding.DECODE_RULES)
+        with jax.set_mesh(self.mesh):
+            on_train = jax.jit(lambda t: jax.tree.map(cast, t), out_shardings=decode)(params)
         if self.sample_mesh is self.mesh:
-            return params
-        full = jax.jit(lambda tree: tree, out_shardings=NamedSharding(self.mesh, P()))(params)
-
-        def local(x, whole):
-            return jax.device_put(whole.addressable_data(0), NamedSharding(self.sample_mesh, x.sharding.spec))
-
-        return jax.tree.map(local, params, full)
+            return on_train
+        local = sharding.state_shardings(params, self.sample_mesh, sharding.DECODE_RULES)
+        return jax.tree.map(_to_local, on_train, local)
 
     def engine(self, sampler, make_env=None) -> RolloutEngine:
         return RolloutEngine(make_env or self.env_factory(), self.tokenizer, sampler, self.settings(), self.pool)

@@ -65,7 +65,15 @@ def model_config(cfg: Config, vocab_size: int) -> ModelConfig:
         raise ValueError(f"model.d_model={m.d_model} is not a multiple of model.n_heads={m.n_heads}")
     return ModelConfig.tiny(vocab_size=vocab_size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
                             n_kv_heads=m.n_kv_heads, head_dim=m.d_model // m.n_heads, mlp_dim=m.d_ff,
-                            param_dtype=m.dtype, dtype=m.dtype)
+                            **kernel_options(cfg))
+
+
+def kernel_options(cfg: Config) -> dict:
+    """The ModelConfig fields that ``cfg.model`` sets for any model source: dtypes, attention
+    kernel and rematerialisation."""
+    m = cfg.model
+    return dict(param_dtype=m.param_dtype, dtype=m.compute_dtype, attention=m.attention,
+                attention_block=m.attention_block, remat=m.remat)
 
 
 def build_models(cfg: Config, vocab_size: int, mesh) -> tuple[Models, Any]:
@@ -73,7 +81,9 @@ def build_models(cfg: Config, vocab_size: int, mesh) -> tuple[Models, Any]:
     estimator = get_estimator(cfg.algo.estimator)
     critic_kind = cfg.model.critic if estimator.critic else None
     if cfg.model.source == "hf":
-        policy, mc = load_hf_checkpoint(cfg.model.hf_path, cfg.model.dtype, mesh=mesh)
+        opts = kernel_options(cfg)
+        policy, mc = load_hf_checkpoint(cfg.model.hf_path, opts.pop("param_dtype"),
+                                        compute_dtype=opts.pop("dtype"), mesh=mesh, **opts)
         if policy.config.vocab_size < vocab_size:
             raise ValueError(f"the tokenizer has {vocab_size} tokens but the model only {policy.config.vocab_size}")
     else:
@@ -127,9 +137,12 @@ def init_state(params, tx: optax.GradientTransformation) -> TrainState:
     return TrainState(params=params, opt_state=opt_state, step=jnp.zeros((), jnp.int32))
 
 
-def copy_tree(tree):
-    """A copy that owns its buffers (safe to keep while the original is donated)."""
-    return jax.tree.map(jnp.copy, tree)
+def copy_tree(tree, dtype=None):
+    """A copy that owns its buffers (safe to keep while the original is donated); floating
+    leaves cast to ``dtype`` if given (a frozen reference is kept in the compute dtype)."""
+    def copy(x):  # astype to the same dtype would alias, so copy first
+        return jnp.copy(x).astype(dtype) if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) else jnp.copy(x)
+    return jax.tree.map(copy, tree)
 
 
 def critic_from_policy(critic_params, policy_params):
