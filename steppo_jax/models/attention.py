@@ -66,7 +66,9 @@ def self_attention(q, k, v, *, segment_ids=None, valid=None, impl: str = "dense"
     _check(q, k, v)
     if k.shape[1] != q.shape[1]:
         raise ValueError(f"self_attention expects keys of the same rows: q {q.shape}, k {k.shape}")
-    impl = resolve(impl)
+    requested, impl = impl, resolve(impl)
+    if impl == "splash" and requested == "auto" and q.shape[1] % 128:
+        impl = "chunked"  # splash tiles rows by 128: short or odd rows take the XLA path
     if impl == "splash":
         return _splash(q, k, v, segment_ids, valid, interpret)
     if impl == "cudnn":
