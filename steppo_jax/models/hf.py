@@ -130,6 +130,18 @@ def _write_safetensors(path: str, arrays: dict[str, np.ndarray]) -> None:
 
 
 # -- public API ----------------------------------------------------------------------------------
+def read_hf_config(path: str, dtype: str | None = None, *, compute_dtype: str | None = None) -> ModelConfig:
+    """The `ModelConfig` of a local HF directory from its `config.json` alone (no weights are
+    read). dtype, compute_dtype: as in `load_hf_checkpoint`. Raises FileNotFoundError."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"config.json not found in {path}")
+    with open(cfg_path) as f:
+        return ModelConfig.from_hf(json.load(f), param_dtype=dtype, dtype=compute_dtype or dtype)
+
+
 def load_hf_checkpoint(path: str, dtype: str | None = None, *, compute_dtype: str | None = None,
                        mesh: jax.sharding.Mesh | None = None) -> tuple[Decoder, ModelConfig]:
     """Reads a local HF Llama/Qwen2/Qwen3 directory into a `Decoder`.
@@ -140,13 +152,7 @@ def load_hf_checkpoint(path: str, dtype: str | None = None, *, compute_dtype: st
     architecture, a tensor's shape mismatch or an unexpected tensor, named), KeyError (missing
     tensor, named).
     """
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory not found: {path}")
-    if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"config.json not found in {path}")
-    with open(cfg_path) as f:
-        config = ModelConfig.from_hf(json.load(f), param_dtype=dtype, dtype=compute_dtype or dtype)
+    config = read_hf_config(path, dtype, compute_dtype=compute_dtype)
     tensors = _open_tensors(path)
     mapping = _param_map(config)
 
