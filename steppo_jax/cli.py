@@ -135,17 +135,24 @@ def cmd_plan(args) -> dict:
     from steppo_jax.tokenizer import load_tokenizer
     from steppo_jax.train import plan
 
+    if args.cpu_devices is not None and args.cpu_devices < 1:
+        raise plan.PlanError(f"--cpu-devices must be >= 1, got {args.cpu_devices}")
+    only = args.programs.split(",")
+    unknown = sorted(set(only) - set(plan.PROGRAMS))
+    if unknown:
+        raise plan.PlanError(f"unknown program(s) {', '.join(unknown)}; choose among {', '.join(plan.PROGRAMS)}")
     cfg = _config(args)
     if args.topology:
         topo = plan.topology(args.topology)
         devices, chip, name = plan.topology_devices(topo), topo.chip, topo.name
+        host = plan.topology_devices(plan.host_topology(topo))
     else:
-        devices, chip, name = jax.devices("cpu")[:args.cpu_devices], None, f"cpu-{args.cpu_devices}"
+        devices, chip, name, host = jax.devices("cpu")[:args.cpu_devices], None, f"cpu-{args.cpu_devices}", None
         if len(devices) < args.cpu_devices:
             raise plan.PlanError(f"JAX started with {len(devices)} CPU devices before --cpu-devices was read: "
                                  "run steppo plan in a process of its own")
     vocab = len(load_tokenizer(cfg.model.tokenizer)) if cfg.model.source == "tiny" else 0
-    report = plan.plan(cfg, devices, name=name, vocab_size=vocab, chip=chip)
+    report = plan.plan(cfg, devices, name=name, vocab_size=vocab, chip=chip, host_devices=host, only=only)
     print(json.dumps(report, indent=1) if args.json else plan.table(report))
     line = plan.verdict(cfg, report)
     if line:
@@ -187,6 +194,8 @@ def main(argv=None) -> int:
     where.add_argument("--topology", help="TPU slice, e.g. v5e-32, v5p-64, v4-32, v6e-8 (needs jax[tpu])")
     where.add_argument("--cpu-devices", type=int, metavar="N", help="N host CPU devices (no memory limit)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--programs", default="score,update,prefill,decode",
+                   help="comma-separated programs to compile (default: %(default)s)")
     p.set_defaults(fn=cmd_plan)
     args = parser.parse_args(argv)
     try:

@@ -39,8 +39,10 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from steppo_jax import sharding
 from steppo_jax.rollout.records import bucket_len
 from steppo_jax.sampling import SamplingParams, bucket, init_state as init_decode_state, jit_generate
 from steppo_jax.train.config import Config, ConfigError
@@ -121,6 +123,13 @@ def topology(name: str) -> Topology:
     if key not in TOPOLOGIES:
         raise PlanError(f"unknown topology {name!r}; known: {', '.join(TOPOLOGIES)}")
     return TOPOLOGIES[key]
+
+
+def host_topology(topo: Topology) -> Topology:
+    """One host of ``topo`` as a slice of its own: where each process's sampler programs are
+    compiled (v5e and v6e compile no program for a subset of a slice's devices)."""
+    dims = topo.host if topo.family in ("v4", "v5p") else topo.host[:2]
+    return dataclasses.replace(topo, name=f"{topo.name} host", shape="x".join(map(str, dims)))
 
 
 def topology_devices(topo: Topology) -> list:
@@ -218,12 +227,25 @@ def _sds(shape, dtype, mesh, spec=P()) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
 
 
-def _out_abstract(fn, *args) -> Any:
-    """The outputs of ``jax.jit(fn)(*args)`` as ShapeDtypeStructs with the shardings the
-    compiler gives them (a small program: initialisers)."""
-    lowered = jax.jit(fn).lower(*args)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), lowered.out_info,
-                        lowered.compile().output_shardings)
+def _opt_state(tx, params, mesh) -> Any:
+    """``tx.init(params)`` as abstract arrays: moments sharded as their parameters (as ``jit``
+    propagates them in ``init_state``; their Variables keep the logical axes), counters
+    replicated; the other group's masked-out leaves (``optax.MaskedNode``) stay as they are."""
+    def one(x):
+        if isinstance(x, nnx.Variable):
+            return sharding.abstract_state(x, mesh) if hasattr(x.get_value(), "shape") else x
+        return _sds(x.shape, x.dtype, mesh)
+
+    return jax.tree.map(one, jax.eval_shape(tx.init, params), is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _decode_state(mc, rows: int, capacity: int, mesh) -> Any:
+    """The sampler's ``DecodeState`` as abstract arrays, sharded as ``init_state`` constrains
+    them (traced under Explicit axes, where shardings are part of the shapes)."""
+    explicit = sharding.make_mesh(*mesh.devices.shape, devices=list(mesh.devices.flat))
+    with jax.set_mesh(explicit):
+        out = jax.eval_shape(lambda: init_decode_state(mc, rows, capacity))
+    return jax.tree.map(lambda a: _sds(a.shape, a.dtype, mesh, a.sharding.spec), out)
 
 
 def device_bytes(tree) -> int:
@@ -247,18 +269,22 @@ class Program:
     """HBM bytes per device its decode loop reads (weights + cache, per token, all tokens)."""
 
 
-def programs(cfg: Config, devices: Sequence[Any], vocab_size: int) -> tuple[dict[str, Program], Shapes]:
-    """The four programs of a run on ``devices``, with abstract arguments."""
+def programs(cfg: Config, devices: Sequence[Any], vocab_size: int,
+             host_devices: Sequence[Any] | None = None) -> tuple[dict[str, Program], Shapes]:
+    """The four programs of a run on ``devices``, with abstract arguments; with several
+    processes the sampler's run on process 0's share (on ``host_devices`` when given)."""
     processes = len({d.process_index for d in devices})
     mesh = make_mesh(cfg, devices)
     check_batch(cfg, mesh, processes)
     sample_mesh = mesh if processes == 1 else local_mesh(mesh, devices, process=0)
+    if processes > 1 and host_devices is not None:
+        explicit = all(t == jax.sharding.AxisType.Explicit for t in sample_mesh.axis_types)
+        sample_mesh = sharding.make_mesh(*sample_mesh.devices.shape, explicit=explicit, devices=host_devices)
     models, params = abstract_models(cfg, vocab_size, mesh)
     s = shapes(cfg, processes, sample_mesh)
     o, r = cfg.optim, cfg.rollout
     tx = make_optimizer(o, cfg.train.iterations * o.epochs * o.minibatches)
-    with jax.set_mesh(mesh):
-        opt_state = _out_abstract(tx.init, params)
+    opt_state = _opt_state(tx, params, mesh)
     state = TrainState(params=params, opt_state=opt_state, step=_sds((), jnp.int32, mesh))
     ref = params["policy"] if cfg.algo.kl_coef else None
     rows_spec = P(("data", "fsdp"))
@@ -271,9 +297,8 @@ def programs(cfg: Config, devices: Sequence[Any], vocab_size: int) -> tuple[dict
 
     separate = processes > 1  # a sampling replica of the policy on each process's devices
     sample_params = jax.tree.map(lambda x: _sds(x.shape, x.dtype, sample_mesh, x.sharding.spec), params["policy"])
-    with jax.set_mesh(sample_mesh):
-        decode_state = _out_abstract(lambda: init_decode_state(models.config, s.sample_rows, r.max_context))
-        eval_state = _out_abstract(lambda: init_decode_state(models.config, s.eval_rows, r.max_context))
+    decode_state = _decode_state(models.config, s.sample_rows, r.max_context, sample_mesh)
+    eval_state = _decode_state(models.config, s.eval_rows, r.max_context, sample_mesh)
     replica = device_bytes(sample_params) if separate else 0
     caches = device_bytes(decode_state) + device_bytes(eval_state)
     ref_bytes = device_bytes(ref) if ref is not None else 0
@@ -352,10 +377,11 @@ def compile_program(p: Program, hbm_bytes: int | None, peak_flops: float | None,
 
 
 def plan(cfg: Config, devices: Sequence[Any], *, name: str, vocab_size: int, chip: Chip | None = None,
-         only: Sequence[str] = PROGRAMS) -> dict:
-    """The report of ``cfg`` on ``devices`` (``chip`` None: host CPU devices, no HBM limit):
+         host_devices: Sequence[Any] | None = None, only: Sequence[str] = PROGRAMS) -> dict:
+    """The report of ``cfg`` on ``devices`` (``chip`` None: host CPU devices, no HBM limit;
+    ``host_devices``: see ``programs``):
     {"topology", "devices", "hbm_bytes", "fits", "shapes", "mfu", "programs": {name: row}}."""
-    progs, s = programs(cfg, devices, vocab_size)
+    progs, s = programs(cfg, devices, vocab_size, host_devices)
     hbm = chip.hbm_bytes if chip else None
     rows = {n: compile_program(progs[n], hbm, chip and chip.peak_flops, chip and chip.hbm_bandwidth) for n in only}
     return {"topology": name, "devices": len(devices), "hbm_bytes": hbm, "fits": all(r["fits"] for r in rows.values()),
