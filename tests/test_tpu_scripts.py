@@ -35,9 +35,8 @@ def recorders(bin_dir: Path, log: Path, tools: tuple[str, ...], status: int = 0)
     bin_dir.mkdir(parents=True, exist_ok=True)
     for tool in tools:
         path = bin_dir / tool
-        path.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
-                        f"open({str(log)!r}, 'a').write(json.dumps([os.path.basename(sys.argv[0])] + sys.argv[1:]) + '\\n')\n"
-                        f"sys.exit({status})\n")
+        record = f"open({str(log)!r}, 'a').write(json.dumps([os.path.basename(sys.argv[0])] + sys.argv[1:]) + '\\n')"
+        path.write_text(f"#!{sys.executable}\nimport json, os, sys\n{record}\nsys.exit({status})\n")
         path.chmod(0o755)
     return f"{bin_dir}:"
 

@@ -107,9 +107,13 @@ def abstract_models(cfg: Config, vocab_size: int, mesh) -> tuple[Models, Any]:
     ``vocab_size`` sizes the tiny model only."""
     estimator = get_estimator(cfg.algo.estimator)
     critic_kind = cfg.model.critic if estimator.critic else None
-    mc = read_hf_config(cfg.model.hf_path, cfg.model.dtype) if cfg.model.source == "hf" else model_config(cfg, vocab_size)
+    if cfg.model.source == "hf":
+        mc = read_hf_config(cfg.model.hf_path, cfg.model.dtype)
+    else:
+        mc = model_config(cfg, vocab_size)
     defs, params = {}, {}
-    makers = {"policy": lambda: Decoder(mc, rngs=nnx.Rngs(cfg.seed)), "critic": _critic_maker(critic_kind, mc, cfg.seed)}
+    makers = {"policy": lambda: Decoder(mc, rngs=nnx.Rngs(cfg.seed)),
+              "critic": _critic_maker(critic_kind, mc, cfg.seed)}
     for name, make in makers.items():
         defs[name], params[name] = None, None
         if make is not None:
