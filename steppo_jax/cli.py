@@ -152,7 +152,8 @@ def cmd_plan(args) -> dict:
             raise plan.PlanError(f"JAX started with {len(devices)} CPU devices before --cpu-devices was read: "
                                  "run steppo plan in a process of its own")
     vocab = len(load_tokenizer(cfg.model.tokenizer)) if cfg.model.source == "tiny" else 0
-    report = plan.plan(cfg, devices, name=name, vocab_size=vocab, chip=chip, host_devices=host, only=only)
+    report = plan.plan(cfg, devices, name=name, vocab_size=vocab, chip=chip, host_devices=host, only=only,
+                       log=lambda line: print(f"steppo plan: {line}", file=sys.stderr, flush=True))
     print(json.dumps(report, indent=1) if args.json else plan.table(report))
     line = plan.verdict(cfg, report)
     if line:

@@ -34,7 +34,7 @@ import importlib.util
 import math
 import re
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -377,13 +377,18 @@ def compile_program(p: Program, hbm_bytes: int | None, peak_flops: float | None,
 
 
 def plan(cfg: Config, devices: Sequence[Any], *, name: str, vocab_size: int, chip: Chip | None = None,
-         host_devices: Sequence[Any] | None = None, only: Sequence[str] = PROGRAMS) -> dict:
+         host_devices: Sequence[Any] | None = None, only: Sequence[str] = PROGRAMS,
+         log: Callable[[str], None] = lambda _: None) -> dict:
     """The report of ``cfg`` on ``devices`` (``chip`` None: host CPU devices, no HBM limit;
-    ``host_devices``: see ``programs``):
+    ``host_devices``: see ``programs``; ``log``: a line per compile, as it goes):
     {"topology", "devices", "hbm_bytes", "fits", "shapes", "mfu", "programs": {name: row}}."""
     progs, s = programs(cfg, devices, vocab_size, host_devices)
     hbm = chip.hbm_bytes if chip else None
-    rows = {n: compile_program(progs[n], hbm, chip and chip.peak_flops, chip and chip.hbm_bandwidth) for n in only}
+    rows = {}
+    for n in only:
+        log(f"compiling {n} for {name} ...")
+        rows[n] = compile_program(progs[n], hbm, chip and chip.peak_flops, chip and chip.hbm_bandwidth)
+        log(f"compiled {n} in {rows[n]['compile_s']:.1f}s" + ("" if rows[n]["fits"] else " (does not fit)"))
     return {"topology": name, "devices": len(devices), "hbm_bytes": hbm, "fits": all(r["fits"] for r in rows.values()),
             "mfu": MFU, "shapes": dataclasses.asdict(s), "programs": rows}
 
