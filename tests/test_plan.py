@@ -95,3 +95,6 @@ def test_out_of_memory_message_is_parsed():
     message = "RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 20.50G of 15.75G hbm."
     assert plan._over_bytes(message) == int(4.75 * 2**30)
     assert plan._over_bytes("Exceeded hbm capacity by 512.0M") == 512 * 2**20
+    message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+               "(96.17G) exceeds available HBM (15.75G).")
+    assert plan._over_bytes(message) == int(96.17 * 2**30 - 15.75 * 2**30)

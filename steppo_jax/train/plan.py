@@ -336,11 +336,17 @@ def programs(cfg: Config, devices: Sequence[Any], vocab_size: int,
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
+_OOM = (r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm",
+        r"HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)")
+
+
 def _over_bytes(message: str) -> int | None:
-    """The bytes over HBM in the TPU compiler's out-of-memory message, if it says."""
-    m = re.search(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm", message)
-    if m:
-        return int(float(m.group(1)) * _UNITS[m.group(2)] - float(m.group(3)) * _UNITS[m.group(4)])
+    """The bytes over HBM in the TPU compiler's out-of-memory message (needed - available),
+    if it says."""
+    for pattern in _OOM:
+        m = re.search(pattern, message)
+        if m:
+            return int(float(m.group(1)) * _UNITS[m.group(2)] - float(m.group(3)) * _UNITS[m.group(4)])
     m = re.search(r"[Ee]xceeded hbm capacity by ([\d.]+)([KMGT]?)", message)
     return int(float(m.group(1)) * _UNITS[m.group(2)]) if m else None
 
