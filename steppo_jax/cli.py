@@ -1,4 +1,4 @@
-"""The ``steppo`` command: sft, train, eval, export and demo.
+"""The ``steppo`` command: sft, train, eval, export, demo and plan.
 
     steppo demo                                   # StepPO from the shipped warm start, then eval
     steppo sft   --config configs/default.yaml
@@ -6,6 +6,7 @@
     steppo train --config configs/default.yaml --resume
     steppo eval  --checkpoint runs/default/checkpoints
     steppo export --checkpoint runs/default/checkpoints --out runs/default/hf
+    steppo plan  --config configs/paper_hotpotqa_qwen2.5_3b.yaml --topology v5e-32   # fits? (exit 1 if not)
 
 With ``STEPPO_DISTRIBUTED=1`` (one process per host), demo, sft, train and eval first join the
 run's processes (``steppo_jax.train.distributed.initialize``).
@@ -119,6 +120,47 @@ def cmd_export(args) -> None:
     print(f"exported the policy to {args.out}")
 
 
+class DoesNotFit(Exception):
+    """``steppo plan``: a program of the config does not fit the topology (exit status 1)."""
+
+
+def cmd_plan(args) -> dict:
+    """Compiles the run's programs for a topology without weights; raises DoesNotFit."""
+    import jax
+
+    # host computations stay on the CPU even where libtpu is installed (or on a TPU VM)
+    jax.config.update("jax_platforms", "cpu")
+    if args.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    from steppo_jax.tokenizer import load_tokenizer
+    from steppo_jax.train import plan
+
+    if args.cpu_devices is not None and args.cpu_devices < 1:
+        raise plan.PlanError(f"--cpu-devices must be >= 1, got {args.cpu_devices}")
+    only = args.programs.split(",")
+    unknown = sorted(set(only) - set(plan.PROGRAMS))
+    if unknown:
+        raise plan.PlanError(f"unknown program(s) {', '.join(unknown)}; choose among {', '.join(plan.PROGRAMS)}")
+    cfg = _config(args)
+    if args.topology:
+        topo = plan.topology(args.topology)
+        devices, chip, name = plan.topology_devices(topo), topo.chip, topo.name
+        host = plan.topology_devices(plan.host_topology(topo))
+    else:
+        devices, chip, name, host = jax.devices("cpu")[:args.cpu_devices], None, f"cpu-{args.cpu_devices}", None
+        if len(devices) < args.cpu_devices:
+            raise plan.PlanError(f"JAX started with {len(devices)} CPU devices before --cpu-devices was read: "
+                                 "run steppo plan in a process of its own")
+    vocab = len(load_tokenizer(cfg.model.tokenizer)) if cfg.model.source == "tiny" else 0
+    report = plan.plan(cfg, devices, name=name, vocab_size=vocab, chip=chip, host_devices=host, only=only,
+                       log=lambda line: print(f"steppo plan: {line}", file=sys.stderr, flush=True))
+    print(json.dumps(report, indent=1) if args.json else plan.table(report))
+    line = plan.verdict(cfg, report)
+    if line:
+        raise DoesNotFit(line)
+    return report
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="steppo", description="Step-level RL (StepPO) for LLM agents, in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -146,11 +188,24 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", required=True, help="a run's checkpoints/ directory")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("plan", help="does the config fit a topology? compiles its programs ahead of time, no "
+                                    "weights needed (exit 1 if not)")
+    with_config(p)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--topology", help="TPU slice, e.g. v5e-32, v5p-64, v4-32, v6e-8 (needs jax[tpu])")
+    where.add_argument("--cpu-devices", type=int, metavar="N", help="N host CPU devices (no memory limit)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--programs", default="score,update,prefill,decode",
+                   help="comma-separated programs to compile (default: %(default)s)")
+    p.set_defaults(fn=cmd_plan)
     args = parser.parse_args(argv)
     try:
         if getattr(args, "distributed", False):
             distributed.initialize()
         args.fn(args)
+    except DoesNotFit as err:
+        print(f"steppo {args.command}: {err}", file=sys.stderr)
+        return 1
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"steppo {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -89,6 +89,13 @@ def state_shardings(state: Any, mesh: jax.sharding.Mesh, rules=RULES) -> Any:
     return jax.tree.map(one, state, is_leaf=_is_var)
 
 
+def abstract_state(state: Any, mesh: jax.sharding.Mesh) -> Any:
+    """An `nnx.State` (concrete or abstract) as `jax.ShapeDtypeStruct` leaves carrying their
+    `state_shardings` on `mesh` (what `jit(...).lower` takes for ahead-of-time compiles)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
+                        state_shardings(state, mesh))
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Pins activation/weight `x` to the sharding of logical `names` under the current mesh.
 

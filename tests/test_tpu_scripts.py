@@ -1,5 +1,6 @@
 """The launch scripts in tpu_scripts/: the command sequence their --dry-run prints, that a real
-run executes exactly those commands, and that shellcheck finds nothing.
+run executes exactly those commands, that tpu_run.sh asks `steppo plan` before it creates a TPU
+(stand-ins for steppo and hf record the calls), and that shellcheck finds nothing.
 
 The printed lines are "+ word word ..." quoted for a POSIX shell, so ``shlex.split`` gives back
 the exact argv; remote commands (ssh --command) are split again the same way.
@@ -12,6 +13,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,14 +29,44 @@ PAPER = {
 }
 
 
-def dry_run(script: str, *args: str, env: dict | None = None) -> list[list[str]]:
-    """argv of every command ``script --dry-run args`` prints, run from outside the repository."""
-    proc = subprocess.run([str(SCRIPTS / script), "--dry-run", *args], capture_output=True, text=True,
-                          cwd="/", env={**os.environ, **(env or {})}, timeout=60)
+def recorders(bin_dir: Path, log: Path, tools: tuple[str, ...], status: int = 0) -> str:
+    """Stand-ins for ``tools`` that record their argv in ``log`` (one JSON list a line) and
+    exit with ``status``; returns the PATH prefix that puts them first."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for tool in tools:
+        path = bin_dir / tool
+        record = f"open({str(log)!r}, 'a').write(json.dumps([os.path.basename(sys.argv[0])] + sys.argv[1:]) + '\\n')"
+        path.write_text(f"#!{sys.executable}\nimport json, os, sys\n{record}\nsys.exit({status})\n")
+        path.chmod(0o755)
+    return f"{bin_dir}:"
+
+
+def run_script(script: str, *args: str, env: dict | None = None, plan_status: int = 0,
+               plan_log: Path | None = None) -> subprocess.CompletedProcess:
+    """``script --dry-run args`` from outside the repository, with ``steppo`` and ``hf``
+    recorders (their calls in ``plan_log``) first on PATH; ``steppo`` exits ``plan_status``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        log = plan_log or Path(tmp) / "plan.jsonl"
+        env = {**os.environ, **(env or {})}
+        bin_dir = Path(tmp) / "bin"
+        env["PATH"] = recorders(bin_dir, log, ("hf",)) + recorders(bin_dir, log, ("steppo",), plan_status) + env["PATH"]
+        return subprocess.run([str(SCRIPTS / script), "--dry-run", *args], capture_output=True, text=True, cwd="/",
+                              env=env, timeout=60)
+
+
+def dry_run(script: str, *args: str, env: dict | None = None, plan_log: Path | None = None) -> list[list[str]]:
+    """argv of every command ``script --dry-run args`` prints."""
+    proc = run_script(script, *args, env=env, plan_log=plan_log)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines and all(line.startswith("+ ") for line in lines), proc.stdout
     return [shlex.split(line[2:]) for line in lines]
+
+
+def calls(log: Path) -> list[list[str]]:
+    import json
+
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
 def remote(cmd: list[str]) -> str:
@@ -165,15 +197,12 @@ def test_bad_arguments_are_rejected_before_anything_runs(script, args, message):
 
 
 def fake_tools(tmp_path: Path) -> tuple[dict, Path]:
-    """gcloud, ssh and scp stand-ins on PATH that only record their argv (one JSON list a line)."""
-    bin_dir, log = tmp_path / "bin", tmp_path / "calls.jsonl"
-    bin_dir.mkdir()
-    for tool in ("gcloud", "ssh", "scp"):
-        path = bin_dir / tool
-        path.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
-                        f"open({str(log)!r}, 'a').write(json.dumps([os.path.basename(sys.argv[0])] + sys.argv[1:]) + '\\n')\n")
-        path.chmod(0o755)
-    return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}, log
+    """gcloud, ssh and scp stand-ins on PATH that only record their argv (one JSON list a line),
+    and steppo and hf ones that record theirs elsewhere (the plan runs in both modes)."""
+    log = tmp_path / "calls.jsonl"
+    path = recorders(tmp_path / "bin", log, ("gcloud", "ssh", "scp"))
+    path += recorders(tmp_path / "plan_bin", tmp_path / "plan.jsonl", ("steppo", "hf"))
+    return {"PATH": f"{path}{os.environ['PATH']}"}, log
 
 
 @pytest.mark.parametrize("script, args", [
@@ -234,6 +263,36 @@ def test_gpu_multi_node_one_process_per_node():
     assert [c[1] for c in cmds if stage(c) == "watch"] == ["gpu-a"]
     assert cmds[-2] == ["scp", "-r", "gpu-a:steppo_jax/runs/paper_textworld_qwen3_4b",
                         "results/paper_textworld_qwen3_4b/"]
+
+
+def test_plan_before_create_aborts_when_the_run_does_not_fit(tmp_path):
+    log = tmp_path / "plan.jsonl"
+    cmds = dry_run("paper_hotpotqa_qwen2.5_3b.sh", "--", "rollout.max_context=4096", plan_log=log)
+    assert cmds[0][4] == "create"
+    (hf, steppo) = calls(log)
+    assert hf[:5] == ["hf", "download", "Qwen/Qwen2.5-3B-Instruct", "config.json", "--local-dir"]
+    assert steppo == ["steppo", "plan", "--config", "configs/paper_hotpotqa_qwen2.5_3b.yaml", "--topology", "v4-32",
+                      f"model.hf_path={hf[5]}", "rollout.max_context=4096"]
+
+    proc = run_script("paper_hotpotqa_qwen2.5_3b.sh", "--accelerator", "v5e-8", plan_status=1)
+    assert proc.returncode == 1 and proc.stdout == "" and "does not fit v5e-8" in proc.stderr
+    proc = run_script("tpu_run.sh", "--config", "configs/default.yaml", plan_status=2)
+    assert proc.returncode == 2 and proc.stdout == "" and "steppo plan failed" in proc.stderr
+
+
+def test_plan_model_config_sources(tmp_path):
+    log = tmp_path / "plan.jsonl"
+    local = tmp_path / "ckpt"
+    local.mkdir()
+    dry_run("tpu_run.sh", "--config", "configs/default.yaml", "--checkpoint", str(local), plan_log=log)
+    assert calls(log) == [["steppo", "plan", "--config", "configs/default.yaml", "--topology", "v4-8",
+                           f"model.hf_path={local}"]]
+    log.unlink()
+    proc = run_script("tpu_run.sh", "--config", "configs/default.yaml", "--checkpoint", "worker:gcs/m", plan_log=log)
+    assert proc.returncode == 0 and "cannot plan" in proc.stderr and calls(log) == []
+    for args in (["--no-plan"], ["install", "launch"]):
+        dry_run("tpu_run.sh", "--config", "configs/default.yaml", *args, plan_log=log)
+        assert calls(log) == []
 
 
 def shellcheck() -> str:

@@ -6,6 +6,10 @@
 #       --data http://curtis.ml.cmu.edu/datasets/hotpot/hotpot_train_v1.1.json
 #
 # Stages, run in this order when none is named (or with "all"):
+#   (plan)   before create, and in --dry-run too: `steppo plan --config ... --topology
+#            <accelerator>` here, on this machine (needs `pip install -e '.[tpu]'`; for an HF
+#            checkpoint only its config.json is fetched), aborting when the run does not fit
+#            the slice's memory; --no-plan skips it
 #   create   gcloud compute tpus tpu-vm create (one VM, or every host of a pod slice)
 #   install  on all workers: clone the repository, venv, pip install -e '.[envs]' jax[tpu]
 #   mount    on all workers: install gcsfuse and mount --mount-bucket at <workdir>/gcs (only
@@ -46,6 +50,7 @@ Options (defaults in brackets; most also read an environment variable):
   --run-dir DIR          run directory on the workers, or gs://... [runs/<name>]
   --results DIR          where fetch puts the run directory here [results/<name>]
   --workdir DIR          repository clone on the workers, relative to home [steppo_jax]
+  --no-plan              do not check with `steppo plan` that the config fits before create
   --dry-run              print the commands instead of running them
   -h, --help             this text
 USAGE
@@ -66,6 +71,7 @@ BUCKET=""
 RUN_DIR=""
 RESULTS=""
 WORKDIR="steppo_jax"
+PLAN=1
 STAGES=()
 OVERRIDES=()
 
@@ -87,6 +93,7 @@ while (($#)); do
     --results) RESULTS="${2:?--results needs a value}"; shift ;;
     --workdir) WORKDIR="${2:?--workdir needs a value}"; shift ;;
     --dry-run) DRY_RUN=1 ;;
+    --no-plan) PLAN=0 ;;
     -h | --help) usage; exit 0 ;;
     --) shift; OVERRIDES=("$@"); break ;;
     create | install | mount | copy | launch | watch | fetch | delete | status | stop) STAGES+=("$1") ;;
@@ -97,7 +104,8 @@ while (($#)); do
 done
 
 [[ -n "$CONFIG" ]] || die "--config is required (e.g. --config configs/paper_hotpotqa_qwen2.5_3b.yaml)"
-[[ -f "$(dirname "${BASH_SOURCE[0]}")/../$CONFIG" ]] || die "no config '$CONFIG' in this repository (paths are relative to its root)"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+[[ -f "$ROOT/$CONFIG" ]] || die "no config '$CONFIG' in this repository (paths are relative to its root)"
 [[ -n "$NAME" ]] || die "--name is empty"
 ((${#STAGES[@]})) || STAGES=(create install mount copy launch watch fetch delete)
 RUN_DIR="${RUN_DIR:-runs/$NAME}"
@@ -127,6 +135,47 @@ copy_source() {  # copy_source SRC DIR(checkpoints|data) TARGET(dir|file)
   esac
 }
 
+# The directory `steppo plan` reads the model's config.json from (on this machine): a local
+# checkpoint itself, else config.json alone fetched into a temporary directory. Fails for a
+# worker: checkpoint, which only the workers can read.
+plan_model_dir() {
+  local src="$1" dir
+  case "$(source_kind "$src")" in
+    local) (cd "$src" && pwd) ;;
+    worker) return 1 ;;
+    *)
+      dir="$(mktemp -d)"
+      case "$(source_kind "$src")" in
+        hf) hf download "${src#hf://}" config.json --local-dir "$dir" >&2 ;;
+        gs) gcloud storage cp "${src%/}/config.json" "$dir/" >&2 ;;
+        http) curl -fsSL -o "$dir/config.json" "${src%/}/config.json" ;;
+      esac && echo "$dir" ;;
+  esac
+}
+
+# Does the run fit the slice? `steppo plan` compiles its programs for the accelerator without
+# weights; its report goes to stderr, so --dry-run's stdout stays the list of commands.
+plan_check() {
+  local args=(plan --config "$CONFIG" --topology "$ACCELERATOR") dir status=0
+  if [[ -n "$CHECKPOINT" ]]; then
+    if ! dir="$(plan_model_dir "$CHECKPOINT")"; then
+      printf '%s: note: cannot plan without the checkpoint'"'"'s config.json here (%s); not checked\n' \
+        "$(basename "$0")" "$CHECKPOINT" >&2
+      return 0
+    fi
+    args+=("model.hf_path=$dir")
+  fi
+  args+=("${OVERRIDES[@]}")
+  printf '+ %s\n' "$(quote_all steppo "${args[@]}")" >&2
+  (cd "$ROOT" && steppo "${args[@]}") >&2 || status=$?
+  if ((status == 1)); then
+    printf '%s: error: the run does not fit %s (see steppo plan above; --no-plan skips this check)\n' \
+      "$(basename "$0")" "$ACCELERATOR" >&2
+    exit 1
+  fi
+  ((status == 0)) || die "steppo plan failed (exit status $status; --no-plan skips this check)"
+}
+
 train_command() {
   local args=(--config "$CONFIG" --run-dir "$RUN_DIR")
   [[ -z "$CHECKPOINT" ]] || args+=("model.hf_path=$(dest_path "$CHECKPOINT" checkpoints)")
@@ -134,6 +183,10 @@ train_command() {
   args+=("${OVERRIDES[@]}")
   echo "cd $WORKDIR && STEPPO_DISTRIBUTED=1 setsid nohup .venv/bin/steppo train $(quote_all "${args[@]}") > ~/$LOG 2>&1 < /dev/null & echo \$! > ~/$PIDFILE"
 }
+
+if ((PLAN)) && [[ " ${STAGES[*]} " == *" create "* ]]; then
+  plan_check
+fi
 
 for stage in "${STAGES[@]}"; do
   case "$stage" in

@@ -2,7 +2,7 @@
 
 from steppo_jax.models.config import ModelConfig
 from steppo_jax.models.decoder import Critic, Decoder, ValueHead, create_sharded, default_positions
-from steppo_jax.models.hf import load_hf_checkpoint, save_hf_checkpoint
+from steppo_jax.models.hf import load_hf_checkpoint, read_hf_config, save_hf_checkpoint
 from steppo_jax.models.logprobs import token_logprobs
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "create_sharded",
     "default_positions",
     "load_hf_checkpoint",
+    "read_hf_config",
     "save_hf_checkpoint",
     "token_logprobs",
 ]

@@ -12,6 +12,13 @@ from steppo_jax.train.runtime import Runtime
 from steppo_jax.train.tasks import eval_tasks
 
 
+def eval_batch_size(share: int, sample_mesh: jax.sharding.Mesh, batch_size: int = 64) -> int:
+    """Rows of the evaluation sampler for a process's ``share`` of the tasks: at most
+    ``batch_size``, rounded up to a multiple of the sample mesh's batch shards."""
+    n_dev = sample_mesh.shape["data"] * sample_mesh.shape["fsdp"]
+    return -(-min(batch_size, share) // n_dev) * n_dev
+
+
 class Evaluator:
     """Greedy rollouts of ``cfg.env.eval_tasks`` held-out tasks, ``batch_size`` at a time.
 
@@ -26,9 +33,7 @@ class Evaluator:
         share = -(-len(tasks) // processes)
         tasks += [tasks[-1]] * (share * processes - len(tasks))
         self.tasks = tasks[distributed.process_index() * share:][:share]
-        self.batch_size = min(batch_size, share)
-        n_dev = runtime.sample_mesh.shape["data"] * runtime.sample_mesh.shape["fsdp"]
-        self.batch_size = -(-self.batch_size // n_dev) * n_dev
+        self.batch_size = eval_batch_size(share, runtime.sample_mesh, batch_size)
         self.sampler = runtime.sampler(nnx.merge(policy_def, policy_params), self.batch_size, greedy=True)
         self.engine = runtime.engine(self.sampler)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,18 +25,26 @@ from steppo_jax.train.state import make_mesh
 from steppo_jax.types import StepBatch
 
 
-def local_mesh(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
+def local_mesh(mesh: jax.sharding.Mesh, devices: Sequence[Any] | None = None, process: int | None = None
+               ) -> jax.sharding.Mesh:
     """This process's share of a mesh spanning several processes: its local devices with the
-    same axes, the tensor axis kept and as much of the fsdp axis as fits (the rest is data)."""
-    if mesh.devices.size != jax.device_count():
-        raise ConfigError(f"with {jax.process_count()} processes the mesh must use all {jax.device_count()} "
+    same axes, the tensor axis kept and as much of the fsdp axis as fits (the rest is data).
+
+    devices: every device of the run (default ``jax.devices()``); process: this process's index
+    (default ``jax.process_index()``). ``steppo plan`` passes a TPU topology's devices and 0."""
+    devices = jax.devices() if devices is None else list(devices)
+    process = jax.process_index() if process is None else process
+    local = [d for d in devices if d.process_index == process]
+    if mesh.devices.size != len(devices):
+        processes = len({d.process_index for d in devices})
+        raise ConfigError(f"with {processes} processes the mesh must use all {len(devices)} "
                           f"devices, not {mesh.devices.size} (set mesh.data=-1)")
-    n, t = jax.local_device_count(), mesh.shape["tensor"]
+    n, t = len(local), mesh.shape["tensor"]
     if n % t:
         raise ConfigError(f"mesh.tensor={t} must divide the {n} devices of each process")
     f = math.gcd(mesh.shape["fsdp"], n // t)
     explicit = all(a == AxisType.Explicit for a in mesh.axis_types)
-    return sharding.make_mesh(n // (f * t), f, t, explicit=explicit, devices=jax.local_devices())
+    return sharding.make_mesh(n // (f * t), f, t, explicit=explicit, devices=local)
 
 
 def _check_process_rows(mesh: jax.sharding.Mesh) -> None:

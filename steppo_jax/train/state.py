@@ -8,7 +8,7 @@ trunk (``model.critic = "shared"``) and a separate critic share the same update 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +17,8 @@ from flax import nnx, struct
 
 from steppo_jax import sharding
 from steppo_jax.estimators import get_estimator
-from steppo_jax.models import Critic, Decoder, ModelConfig, ValueHead, create_sharded, load_hf_checkpoint
+from steppo_jax.models import (Critic, Decoder, ModelConfig, ValueHead, create_sharded, load_hf_checkpoint,
+                               read_hf_config)
 from steppo_jax.train.config import Config, OptimSection
 
 
@@ -45,17 +46,19 @@ class Models:
     critic_level: str | None
 
 
-def make_mesh(cfg: Config) -> jax.sharding.Mesh:
-    """The (data, fsdp, tensor) mesh of the config; data = -1 takes the remaining devices,
-    a smaller explicit mesh uses the first devices."""
-    n = jax.device_count()
+def make_mesh(cfg: Config, devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
+    """The (data, fsdp, tensor) mesh of the config on ``devices`` (default: ``jax.devices()``;
+    ``steppo plan`` passes a TPU topology's); data = -1 takes the remaining devices, a smaller
+    explicit mesh uses the first devices."""
+    devices = jax.devices() if devices is None else list(devices)
+    n = len(devices)
     m = cfg.mesh
     data = m.data if m.data != -1 else n // (m.fsdp * m.tensor)
     size = data * m.fsdp * m.tensor
     if size > n or (m.data == -1 and size != n):
         raise ValueError(f"mesh data={data} x fsdp={m.fsdp} x tensor={m.tensor} does not fit the {n} devices")
     return sharding.make_mesh(data, m.fsdp, m.tensor, explicit=m.axis_types == "explicit",
-                              devices=jax.devices()[:size])
+                              devices=devices[:size])
 
 
 def model_config(cfg: Config, vocab_size: int) -> ModelConfig:
@@ -76,6 +79,15 @@ def kernel_options(cfg: Config) -> dict:
                 attention_block=m.attention_block, remat=m.remat)
 
 
+def _critic_maker(critic_kind: str | None, mc: ModelConfig, seed: int):
+    """The critic's constructor for ``critic_kind`` (None: no critic)."""
+    if critic_kind == "separate":
+        return lambda: Critic(mc, rngs=nnx.Rngs(seed + 1))
+    if critic_kind == "shared":
+        return lambda: ValueHead(mc.d_model, rngs=nnx.Rngs(seed + 1))
+    return None
+
+
 def build_models(cfg: Config, vocab_size: int, mesh) -> tuple[Models, Any]:
     """(Models, params) with every parameter created in its sharding on ``mesh``."""
     estimator = get_estimator(cfg.algo.estimator)
@@ -89,17 +101,37 @@ def build_models(cfg: Config, vocab_size: int, mesh) -> tuple[Models, Any]:
     else:
         mc = model_config(cfg, vocab_size)
         policy = create_sharded(lambda: Decoder(mc, rngs=nnx.Rngs(cfg.seed)), mesh)
-    critic = None
-    if critic_kind == "separate":
-        critic = create_sharded(lambda: Critic(mc, rngs=nnx.Rngs(cfg.seed + 1)), mesh)
-    elif critic_kind == "shared":
-        critic = create_sharded(lambda: ValueHead(mc.d_model, rngs=nnx.Rngs(cfg.seed + 1)), mesh)
+    make_critic = _critic_maker(critic_kind, mc, cfg.seed)
+    critic = create_sharded(make_critic, mesh) if make_critic is not None else None
     policy_def, policy_params = nnx.split(policy)
     critic_def, critic_params = nnx.split(critic) if critic is not None else (None, None)
     if critic_kind == "separate" and cfg.model.source == "hf":  # the checkpoint's trunk, read once
         critic_params = critic_from_policy(critic_params, policy_params)
     models = Models(mc, policy_def, critic_def, critic_kind, estimator.critic if critic_kind else None)
     return models, {"policy": policy_params, "critic": critic_params}
+
+
+def abstract_models(cfg: Config, vocab_size: int, mesh) -> tuple[Models, Any]:
+    """``build_models`` without weights: (Models, params as ``jax.ShapeDtypeStruct`` leaves that
+    carry their shardings on ``mesh``). An HF model's shapes come from its config.json alone;
+    ``vocab_size`` sizes the tiny model only."""
+    estimator = get_estimator(cfg.algo.estimator)
+    critic_kind = cfg.model.critic if estimator.critic else None
+    if cfg.model.source == "hf":
+        opts = kernel_options(cfg)
+        mc = read_hf_config(cfg.model.hf_path, opts.pop("param_dtype"), compute_dtype=opts.pop("dtype"), **opts)
+    else:
+        mc = model_config(cfg, vocab_size)
+    defs, params = {}, {}
+    makers = {"policy": lambda: Decoder(mc, rngs=nnx.Rngs(cfg.seed)),
+              "critic": _critic_maker(critic_kind, mc, cfg.seed)}
+    for name, make in makers.items():
+        defs[name], params[name] = None, None
+        if make is not None:
+            defs[name], state = nnx.split(nnx.eval_shape(make))
+            params[name] = sharding.abstract_state(state, mesh)
+    models = Models(mc, defs["policy"], defs["critic"], critic_kind, estimator.critic if critic_kind else None)
+    return models, params
 
 
 def _schedule(lr: float, optim: OptimSection, total_steps: int):
