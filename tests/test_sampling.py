@@ -194,3 +194,18 @@ def test_bf16_sampler_close_to_trainer():
         seq = jnp.asarray([p + out.tokens[r]])
         lp = np.asarray(token_logprobs(m(seq), seq))[0, len(p):]
         np.testing.assert_allclose(out.logprobs[r], lp, atol=0.05)
+
+
+def test_release_frees_the_cache_and_a_new_conversation_matches_a_fresh_sampler(model):
+    s = Sampler(model, batch_size=2, capacity=64, max_new_tokens=5, sampling=SamplingParams(greedy=True))
+    assert s.state is None  # allocated by the first step
+    s.step([[1, 2, 3], [4, 5]], [], jax.random.key(0), reset=True)
+    params = s.params
+    s.release()
+    assert s.state is None and s.params is None
+    with pytest.raises(ValueError, match="set_params"):
+        s.step([[6], [7]], [], jax.random.key(1))
+    s.set_params(params)
+    again = s.step([[8, 9], [10]], [], jax.random.key(1))
+    fresh = Sampler(model, batch_size=2, capacity=64, max_new_tokens=5, sampling=SamplingParams(greedy=True))
+    assert again.tokens == fresh.step([[8, 9], [10]], [], jax.random.key(1), reset=True).tokens

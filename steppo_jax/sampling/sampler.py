@@ -60,10 +60,19 @@ class Sampler:
         self.graphdef, self.params = nnx.split(model)
         self.batch_size, self.capacity, self.first_row = batch_size, capacity, first_row
         self.max_new_tokens, self.sampling, self.max_stop_ids = max_new_tokens, sampling, max_stop_ids
-        self.mesh = mesh
+        self.mesh, self.config = mesh, model.config
+        self.state = None  # the KV cache, allocated by the first step
         self._lengths = np.zeros(batch_size, np.int64)  # host mirror: cached + pending tokens
+
+    def _allocate(self) -> None:
         with self._mesh_ctx():
-            self.state = jax.jit(init_state, static_argnums=(0, 1, 2))(model.config, batch_size, capacity)
+            self.state = jax.jit(init_state, static_argnums=(0, 1, 2))(self.config, self.batch_size, self.capacity)
+        self._lengths[:] = 0
+
+    def release(self) -> None:
+        """Frees the KV cache and the weights (e.g. while the trainer updates the policy); the
+        next `step` needs `set_params` first and starts every row anew."""
+        self.state, self.params = None, None
 
     def _mesh_ctx(self):
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
@@ -78,6 +87,11 @@ class Sampler:
         rows, or one list per row; key: PRNG key of the whole batch (see the class). Returns `StepOutput` (row b's tokens end on a
         stop id when stopped[b], else after max_new_tokens)."""
         b = self.batch_size
+        if self.params is None:
+            raise ValueError("the sampler was released: set_params before the next step")
+        if self.state is None:
+            self._allocate()
+            reset = True
         if len(new_tokens) != b:
             raise ValueError(f"expected {b} rows of new tokens, got {len(new_tokens)}")
         reset_rows = np.broadcast_to(np.asarray(reset, bool), (b,)).copy()

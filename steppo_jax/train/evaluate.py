@@ -45,6 +45,7 @@ class Evaluator:
             chunk = self.tasks[start:start + self.batch_size]
             padded = chunk + [chunk[-1]] * (self.batch_size - len(chunk))
             records += self.engine.collect(padded, 1, jax.random.key(0))[:len(chunk)]
+        self.sampler.release()  # its cache and weights stay allocated only while evaluating
         table = distributed.gather_rows(stats_table(records))[:self.num_tasks]
         stats = table_stats(table)
         return {"success": float(np.mean(table[:, 1 + STAT_KEYS.index("success")])), "return": stats.get("return", 0.0),

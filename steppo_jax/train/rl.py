@@ -176,6 +176,7 @@ class Trainer:
         # outside the train mesh: the sampler runs on this process's sample mesh
         records = self.engine.collect(self.process_tasks(it), self.cfg.rollout.group_size,
                                       jax.random.fold_in(self.root_key, it), rt)
+        self.sampler.release()  # no KV cache or sampler weights beside the update
         host_batch = self._local_batch(records)
         rollout_s = time.perf_counter() - t0
         with jax.set_mesh(self.rt.mesh):
