@@ -145,9 +145,10 @@ class StepBatch:
         ti, si = replicated(self.traj_index), replicated(self.step_index)
         n_steps = replicated(jnp.sum(self.step_mask, axis=1))
         is_last = (ti >= 0) & (si == n_steps[jnp.maximum(ti, 0)] - 1)
-        to_grid = lambda x: rows_to_grid(x, jnp.where(is_last, ti, -1), jnp.zeros_like(si), self.num_traj, 1)[:, 0]  # noqa: E731
+        last_ti = jnp.where(is_last, ti, -1)
         rows = jnp.broadcast_to(jnp.arange(self.batch_size)[:, None], is_last.shape)
-        return to_grid(rows), to_grid(jnp.maximum(last_bs, 0))
+        return tuple(rows_to_grid(x, last_ti, jnp.zeros_like(si), self.num_traj, 1)[:, 0]
+                     for x in (rows, jnp.maximum(last_bs, 0)))
 
     def bootstrap_values(self, values_bt: jax.Array) -> jax.Array:
         """[N] critic values at ``bootstrap_index()`` (a row-local read when packed)."""

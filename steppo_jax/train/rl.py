@@ -169,7 +169,8 @@ class Trainer:
         p = distributed.process_index()
         batch = batch.replace(group_ids=batch.group_ids + p * self.local_tasks)
         if not batch.packed:
-            batch = batch.replace(traj_index=np.where(batch.traj_index >= 0, batch.traj_index + p * batch.num_traj, -1))
+            ti = batch.traj_index
+            batch = batch.replace(traj_index=np.where(ti >= 0, ti + p * batch.num_traj, -1))
         return batch
 
     def step(self) -> dict:
