@@ -78,7 +78,7 @@ def main():
         for k in args.steps:
             recs = trajectories(args.trajectories, k)
             packed = packed_batch(recs, k)
-            per_step = step_rows_batch(recs, k, num_rows=args.trajectories * k)
+            per_step = step_rows_batch(recs, k, pack=False, num_rows=args.trajectories * k)
             rows_sharding = NamedSharding(mesh, P(("data", "fsdp")))  # as the trainer places batches
             t_packed = iteration_time(cfg, models, state, tx, jax.device_put(packed, rows_sharding), args.repeats)
             t_rows = iteration_time(cfg, models, state, tx, jax.device_put(per_step, rows_sharding), args.repeats)

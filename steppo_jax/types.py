@@ -61,7 +61,10 @@ class StepBatch:
       traj_index:  [B, S_row] int32  grid row of slot k (-1: unused slot).
       step_index:  [B, S_row] int32  grid column of slot k (-1: unused slot).
       segment_ids: [B, T] int32      segment of each token when several per-step rows
-                                     share one row (attention stays within a segment).
+                                     share one row (attention stays within a segment):
+                                     contiguous runs, padding (at or after seq_lens) in a
+                                     segment of its own (``step_rows_batch``: 1, 2, ... for
+                                     the step rows, 0 for padding).
     """
 
     tokens: jax.Array
@@ -129,19 +132,23 @@ class StepBatch:
         """(row [N], position [N]) whose value bootstraps a truncated trajectory.
 
         Packed: the row's last real token (the state after the last observation).
-        Per-step rows: the last token of the row holding the trajectory's last step (the
-        state after its last action; the final observation is in no row).
+        Per-step rows: the last action token of the slot holding the trajectory's last step
+        (the state after its last action; the final observation is in no row).
         """
-        last = jnp.maximum(self.seq_lens - 1, 0)
         if self.packed:
-            return jnp.arange(self.batch_size), last
+            return jnp.arange(self.batch_size), jnp.maximum(self.seq_lens - 1, 0)
+        S_row = self.num_slots
+        ids = jnp.where(self.step_ids >= 0, self.step_ids, S_row)
+        pos = jnp.cumsum(jnp.ones_like(ids), axis=1) - 1  # derived from data: keeps its sharding
+        last_bs = jax.vmap(lambda p, i: jax.ops.segment_max(p, i, S_row + 1)[:S_row])(pos, ids)
         # Cross-row gathers: done on replicated copies (cheap [B, S_row] and [N] arrays).
         ti, si = replicated(self.traj_index), replicated(self.step_index)
         n_steps = replicated(jnp.sum(self.step_mask, axis=1))
         is_last = (ti >= 0) & (si == n_steps[jnp.maximum(ti, 0)] - 1)
+        last_ti = jnp.where(is_last, ti, -1)
         rows = jnp.broadcast_to(jnp.arange(self.batch_size)[:, None], is_last.shape)
-        row_of_last = rows_to_grid(rows, jnp.where(is_last, ti, -1), jnp.zeros_like(si), self.num_traj, 1)[:, 0]
-        return row_of_last, replicated(last)[row_of_last]
+        return tuple(rows_to_grid(x, last_ti, jnp.zeros_like(si), self.num_traj, 1)[:, 0]
+                     for x in (rows, jnp.maximum(last_bs, 0)))
 
     def bootstrap_values(self, values_bt: jax.Array) -> jax.Array:
         """[N] critic values at ``bootstrap_index()`` (a row-local read when packed)."""
@@ -187,7 +194,8 @@ def validate(batch: StepBatch) -> StepBatch:
     Raises ``BatchError`` naming the field and the broken rule: shapes and dtypes,
     non-prefix step masks, step ids out of range, action tokens without a step (and step
     ids off the action mask), slots out of order or empty, value positions at or after
-    the slot's first action token, group ids out of range, and layout coverage.
+    the slot's first action token, group ids out of range, layout coverage, and segments
+    that are not contiguous, that a slot's tokens straddle or that padding shares.
     """
     b = jax.tree.map(np.asarray, batch)
     for name, dims in (("tokens", "[B, T]"), ("value_pos", "[B, S_row]"), ("step_mask", "[N, S]")):
@@ -246,6 +254,8 @@ def validate(batch: StepBatch) -> StepBatch:
             _fail("traj_index", "a slot maps to a grid step that step_mask marks invalid", _first((cover != 0) & ~b.step_mask))
     slot_mask = _slot_mask_np(b, N, S)
     for row in range(B):
+        if b.segment_ids is not None:
+            _check_segments(b.segment_ids[row], int(b.seq_lens[row]), row)
         first_pos = -1
         last_pos = -1
         for k in range(S_row):
@@ -261,11 +271,25 @@ def validate(batch: StepBatch) -> StepBatch:
             vp = b.value_pos[row, k]
             if not (0 <= vp < pos[0]):
                 _fail("value_pos", f"must lie in [0, first action token of the slot = {pos[0]}), got {vp}", (row, k))
+            if b.segment_ids is not None and np.any(b.segment_ids[row, pos] != b.segment_ids[row, pos[0]]):
+                _fail("segment_ids", f"the action tokens of slot {k} span several segments", (row, int(pos[0])))
             if b.segment_ids is not None and b.segment_ids[row, vp] != b.segment_ids[row, pos[0]]:
                 _fail("value_pos", "must lie in the same segment as the slot's first action token", (row, k))
             first_pos = pos[0] if first_pos < 0 else first_pos
             last_pos = pos[-1]
     return batch
+
+
+def _check_segments(seg: np.ndarray, seq_len: int, row: int) -> None:
+    """One row's segment ids [T]: each segment one contiguous run, the padding (from
+    ``seq_len`` on) in segments no real token uses."""
+    runs = 1 + np.count_nonzero(seg[1:] != seg[:-1])
+    if runs != np.unique(seg).size:
+        _fail("segment_ids", "each segment must be one contiguous run of tokens", (row,))
+    shared = np.isin(seg[seq_len:], seg[:seq_len])
+    if np.any(shared):
+        _fail("segment_ids", "a padding token (at or after seq_lens) shares a segment with real tokens",
+              (row, seq_len + int(np.argmax(shared))))
 
 
 def _slot_mask_np(b: StepBatch, N: int, S: int) -> np.ndarray:

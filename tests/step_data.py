@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 
+from steppo_jax.rollout.records import first_fit_decreasing
 from steppo_jax.types import StepBatch
 
 
@@ -73,30 +74,42 @@ def packed_batch(trajs: list[Trajectory], max_steps: int, seq_len: int | None = 
 
 
 def step_rows_batch(trajs: list[Trajectory], max_steps: int, seq_len: int | None = None, seed: int = 0,
-                    num_rows: int | None = None) -> StepBatch:
+                    num_rows: int | None = None, pack_len: int | None = None) -> StepBatch:
     """One row per (trajectory, step): the context up to the step plus its action.
 
-    Token ids and log-probs are those of ``packed_batch`` with the same seed, so row
-    (i, k) is a prefix of trajectory i's packed row.
+    Token ids and log-probs are those of ``packed_batch`` with the same seed, so step row
+    (i, k) is a prefix of trajectory i's packed row. With ``pack_len`` the step rows are
+    packed first-fit decreasing into rows of ``pack_len`` tokens, segment ids 1, 2, ... (0 on
+    the padding), slot j of a row its j-th segment.
     """
     packed = packed_batch(trajs, max_steps, seed=seed)
     pairs = [(i, k) for i, t in enumerate(trajs) for k in range(len(t.actions))]
-    R = num_rows or max(len(pairs), 1)
     ends = [_layout(trajs[i])[0][k][1] for i, k in pairs]
-    T = seq_len or max(ends + [1])
-    f = _empty(R, T, 1, len(trajs), max_steps)
-    f["traj_index"] = np.full((R, 1), -1, np.int32)
-    f["step_index"] = np.full((R, 1), -1, np.int32)
-    for r, ((i, k), end) in enumerate(zip(pairs, ends)):
-        s = _layout(trajs[i])[0][k][0]
-        f["tokens"][r, :end] = packed.tokens[i, :end]
-        f["seq_lens"][r] = end
-        f["action_mask"][r, s:end] = True
-        f["step_ids"][r, s:end] = 0
-        f["value_pos"][r, 0] = s - 1
-        f["old_logp"][r, s:end] = packed.old_logp[i, s:end]
-        f["ref_logp"][r, s:end] = packed.ref_logp[i, s:end]
-        f["traj_index"][r, 0], f["step_index"][r, 0] = i, k
+    bins = first_fit_decreasing(ends, pack_len) if pack_len else [[j] for j in range(len(pairs))]
+    R = num_rows or max(len(bins), 1)
+    T = pack_len or seq_len or max(ends + [1])
+    S_row = max([len(b) for b in bins] + [1])
+    f = _empty(R, T, S_row, len(trajs), max_steps)
+    f["traj_index"] = np.full((R, S_row), -1, np.int32)
+    f["step_index"] = np.full((R, S_row), -1, np.int32)
+    if pack_len:
+        f["segment_ids"] = np.zeros((R, T), np.int32)
+    for r, members in enumerate(bins):
+        off = 0
+        for slot, j in enumerate(members):
+            (i, k), end = pairs[j], ends[j]
+            s = _layout(trajs[i])[0][k][0]
+            f["tokens"][r, off:off + end] = packed.tokens[i, :end]
+            f["action_mask"][r, off + s:off + end] = True
+            f["step_ids"][r, off + s:off + end] = slot
+            f["value_pos"][r, slot] = off + s - 1
+            f["old_logp"][r, off + s:off + end] = packed.old_logp[i, s:end]
+            f["ref_logp"][r, off + s:off + end] = packed.ref_logp[i, s:end]
+            f["traj_index"][r, slot], f["step_index"][r, slot] = i, k
+            if pack_len:
+                f["segment_ids"][r, off:off + end] = slot + 1
+            off += end
+        f["seq_lens"][r] = off
     for i, t in enumerate(trajs):
         _fill_grid(f, i, t)
     return StepBatch(**f)

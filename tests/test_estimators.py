@@ -16,18 +16,23 @@ from tests.step_data import packed_batch, random_trajectories, step_rows_batch
 CFG = EstimatorConfig(gamma=0.95, lam=0.9)
 
 
-def batches(seed, num=12, S=4):
+def batches(seed, num=12, S=4, pack_len=None):
+    """(packed, per-step rows, values [B, T] of packed, values of the per-step rows): the
+    per-step rows packed into rows of ``pack_len`` tokens when given."""
     rng = np.random.default_rng(seed)
     trajs = random_trajectories(rng, num, S, final_obs=False)
     packed = validate(packed_batch(trajs, S, seed=seed))
-    rows = validate(step_rows_batch(trajs, S, seed=seed, num_rows=sum(len(t.actions) for t in trajs) + 2))
+    rows = validate(step_rows_batch(trajs, S, seed=seed, num_rows=sum(len(t.actions) for t in trajs) + 2,
+                                    pack_len=pack_len))
     values = rng.normal(size=packed.tokens.shape).astype(np.float32)
-    # A causal critic sees the same prefix in a per-step row as in the packed row.
+    # A causal critic sees the same prefix in a per-step row (segment) as in the packed row.
     row_values = np.zeros(rows.tokens.shape, np.float32)
     for r in range(rows.batch_size):
-        i, n = rows.traj_index[r, 0], rows.seq_lens[r]
-        if i >= 0:
-            row_values[r, :n] = values[i, :n]
+        for slot in range(rows.num_slots):
+            i = rows.traj_index[r, slot]
+            if i >= 0:
+                where = np.flatnonzero(rows.segment_ids[r] == slot + 1) if pack_len else np.arange(rows.seq_lens[r])
+                row_values[r, where] = values[i, :where.size]
     return packed, rows, values, row_values
 
 
@@ -45,9 +50,12 @@ def per_trajectory(batch, adv_bt):
 
 
 @pytest.mark.parametrize("name", sorted(set(ESTIMATORS) - {"token_gae"}))
-@pytest.mark.parametrize("seed", range(3))
-def test_packed_rows_and_per_step_rows_agree(name, seed):
-    packed, rows, values, row_values = batches(seed)
+@pytest.mark.parametrize("seed, pack_len", [(0, None), (1, None), (2, None), (0, 24), (1, 24), (2, 40)])
+def test_packed_rows_and_per_step_rows_agree(name, seed, pack_len):
+    """Packed trajectories == per-step rows == per-step rows packed several to a row."""
+    packed, rows, values, row_values = batches(seed, pack_len=pack_len)
+    if pack_len:
+        assert rows.num_slots > 1
     est = get_estimator(name)
     fn = jax.jit(est.fn, static_argnums=2)
     a = per_trajectory(packed, fn(packed, values, CFG).advantages_bt)

@@ -120,8 +120,21 @@ def test_step_tensors_match_a_hand_built_example(tok):
     np.testing.assert_array_equal(batch.step_mask[0], [True, True, False])
     np.testing.assert_array_equal(batch.step_rewards[0], [0.0, 1.0, 0.0])
     assert bool(batch.terminated[0]) and int(batch.seq_lens[0]) == p + 2 * a + d
-    rows = validate(step_rows_batch([rec], 3))
+    rows = validate(step_rows_batch([rec], 3, pack=False))
     np.testing.assert_array_equal(rows.seq_lens[:2], [p + a, p + 2 * a + d])
+    # Packed: both step rows share one row of T = 64, step 0's row first (slot order).
+    first, second = p + a, p + 2 * a + d
+    rows = validate(step_rows_batch([rec], 3))
+    assert rows.tokens.shape == (1, 64) and int(rows.seq_lens[0]) == first + second
+    np.testing.assert_array_equal(rows.tokens[0, :first + second], rec.tokens[:first] + rec.tokens)
+    np.testing.assert_array_equal(rows.segment_ids[0], [1] * first + [2] * second + [0] * (64 - first - second))
+    ids = np.full(64, -1)
+    ids[p:first] = 0
+    ids[first + p + a + d:first + second] = 1
+    np.testing.assert_array_equal(rows.step_ids[0], ids)
+    np.testing.assert_array_equal(rows.value_pos[0], [p - 1, first + p + a + d - 1])
+    np.testing.assert_array_equal(rows.traj_index[0], [0, 0])
+    np.testing.assert_array_equal(rows.step_index[0], [0, 1])
 
 
 def test_unclosed_reply_gets_its_end_of_turn_before_the_observation(tok):
@@ -168,12 +181,15 @@ def test_history_window_rebuilds_prompts_as_step_rows(tok):
     sampler = ScriptedSampler(tok, 2, lambda r, k: "ab")
     engine, _ = engine_with(tok, sampler, make_env=CountingEnv, history_window=0)
     records = engine.collect([(0, 0)], 2, jax.random.key(0))
-    rows = validate(step_rows_batch(records, 3))
+    rows = validate(step_rows_batch(records, 3, pack=False))
     # With a window of 0 exchanges every step sees only the opening messages.
     assert records[0].contexts[0] == records[0].contexts[1]
     with pytest.raises(ValueError, match="step_rows_batch"):
         packed_batch(records, 3)
     assert rows.traj_index[:4, 0].tolist() == [0, 0, 1, 1]
+    packed = validate(step_rows_batch(records, 3))
+    assert packed.batch_size == 1 and packed.traj_index.tolist() == [[0, 0, 1, 1]]
+    assert packed.step_index.tolist() == [[0, 1, 0, 1]]
 
 
 def test_real_sampler_logprobs_match_the_trainer_forward(tok):

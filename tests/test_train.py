@@ -17,6 +17,7 @@ from steppo_jax.train.runtime import Runtime
 from steppo_jax.train.sft import run_sft
 from steppo_jax.train.state import build_models
 from steppo_jax.train.metrics import read_metrics
+from steppo_jax.types import validate
 
 ROOT = Path(__file__).resolve().parent.parent
 if "chain_test" not in registered():
@@ -124,6 +125,24 @@ def test_separate_critic_of_an_hf_checkpoint_starts_from_its_trunk(tmp_path):
     _, loaded = build_models(hf, len(rt.tokenizer), rt.mesh)
     for x, y in zip(leaves(loaded["critic"]["trunk"]), leaves(params["policy"]), strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def test_step_rows_layout_packs_steps_and_reports_the_packing(tmp_path):
+    cfg = tiny_config(tmp_path, "rollout.layout=step_rows", "rollout.tasks_per_iter=2", "train.iterations=1",
+                      "model.n_layers=1", "optim.epochs=1", "optim.minibatches=1")
+    trainer = Trainer(cfg, log=lambda _: None)
+    layouts = []
+    local_batch = trainer._local_batch
+    trainer._local_batch = lambda records: layouts.append(local_batch(records)) or layouts[-1]
+    metrics = trainer.step()
+    batch = validate(layouts[0])
+    steps = int(batch.slot_mask().sum())
+    assert batch.segment_ids is not None and batch.num_slots > 1 and batch.batch_size < steps
+    assert batch.batch_size % trainer.rt.row_multiple() == 0
+    assert metrics["skipped_updates"] == 0 and metrics["rows"] == batch.batch_size
+    assert metrics["tokens/real"] == batch.seq_lens.sum()
+    assert metrics["tokens/processed"] == batch.batch_size * batch.seq_len
+    assert metrics["tokens/packing_efficiency"] == pytest.approx(metrics["tokens/real"] / metrics["tokens/processed"])
 
 
 def test_environment_failures_are_counted_not_fatal(tmp_path):

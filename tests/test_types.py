@@ -92,6 +92,38 @@ def test_validate_rejects_bad_layout():
         validate(replace(rows, traj_index=np.where(ti >= 0, ti + 100, ti)))
 
 
+def two_packed_steps() -> StepBatch:
+    """One row holding two step rows of one trajectory: [p a a | p p b] + 2 padding tokens."""
+    ids = np.array([[-1, 0, 0, -1, -1, 1, -1, -1]], np.int32)
+    return StepBatch(
+        tokens=np.array([[5, 6, 7, 5, 8, 9, 0, 0]], np.int32), action_mask=ids >= 0, step_ids=ids,
+        seq_lens=np.array([6], np.int32), value_pos=np.array([[0, 4]], np.int32),
+        old_logp=np.zeros((1, 8), np.float32), ref_logp=np.zeros((1, 8), np.float32),
+        step_rewards=np.array([[0.0, 1.0]], np.float32), step_mask=np.array([[True, True]]),
+        anchor_ids=np.zeros((1, 2), np.int32), terminated=np.array([False]), group_ids=np.array([0], np.int32),
+        traj_index=np.array([[0, 0]], np.int32), step_index=np.array([[0, 1]], np.int32),
+        segment_ids=np.array([[1, 1, 1, 2, 2, 2, 0, 0]], np.int32))
+
+
+@pytest.mark.parametrize("segments, message", [
+    ([1, 1, 1, 2, 2, 2, 2, 2], "padding token"),  # the padding in the last step's segment
+    ([1, 1, 1, 2, 2, 2, 1, 1], "contiguous"),
+    ([1, 1, 2, 2, 2, 2, 0, 0], "span several segments"),
+    ([1, 1, 1, 1, 1, 2, 0, 0], "same segment"),  # step 1's value position in step 0's segment
+])
+def test_validate_checks_segments(segments, message):
+    validate(two_packed_steps())
+    with pytest.raises(BatchError, match=message):
+        validate(replace(two_packed_steps(), segment_ids=np.array([segments], np.int32)))
+
+
+def test_bootstrap_reads_the_last_action_of_the_last_step_not_the_row_end():
+    batch = two_packed_steps()
+    assert [int(x[0]) for x in batch.bootstrap_index()] == [0, 5]
+    last_step_first = validate(replace(batch, step_index=np.array([[1, 0]], np.int32)))
+    assert [int(x[0]) for x in last_step_first.bootstrap_index()] == [0, 2]
+
+
 def test_rows_grid_round_trip():
     ti = jnp.array([[0, -1], [1, 0], [-1, -1]])
     si = jnp.array([[1, -1], [0, 0], [-1, -1]])

@@ -3,7 +3,8 @@
 A ``TrajectoryRecord`` keeps every token exactly as it entered the model: the prompt ids,
 each step's sampled ids (with their behaviour log-probs) and each observation's template
 delta ids. ``packed_batch`` lays records out one row per trajectory; ``step_rows_batch``
-one row per (trajectory, step) — the context the policy saw at that step plus its reply.
+one step row per (trajectory, step) — the context the policy saw at that step plus its
+reply — several of them packed into one row by default.
 """
 
 from __future__ import annotations
@@ -74,6 +75,11 @@ class TrajectoryRecord:
         ctx = self.contexts[k]
         return ctx + self.tokens[start:end], [0.0] * len(ctx) + self.logprobs[start:end], len(ctx)
 
+    def step_row_len(self, k: int) -> int:
+        """Tokens of the row for step k (``len(self.step_row(k)[0])`` without building it)."""
+        start, end = self.step_spans[k]
+        return end if self.contexts is None else len(self.contexts[k]) + end - start
+
     def stats(self) -> dict[str, Any]:
         return {"steps": self.num_steps, "tokens": len(self.tokens),
                 "action_tokens": sum(e - s for s, e in self.step_spans), "return": float(sum(self.rewards)),
@@ -81,14 +87,50 @@ class TrajectoryRecord:
                 "terminated": self.terminated}
 
 
-def bucket_len(n: int, minimum: int = 64) -> int:
-    """Smallest power of two >= max(n, minimum): padded lengths come from a few buckets."""
-    return max(minimum, 1 << max(n - 1, 0).bit_length())
+def bucket_len(n: int, minimum: int = 64, maximum: int | None = None) -> int:
+    """The padded length of ``n`` tokens: a few static shapes, little padding.
+
+    Up to 1024 the next power of two (at least ``minimum``); above, the next multiple of 1024
+    (at most 1023 tokens of padding, under 10% beyond 10k tokens). ``maximum`` (the context
+    limit) caps the result when ``n`` fits under it. So a run compiles for at most
+    log2(1024 / minimum) + 1 + maximum / 1024 lengths, and in practice for a few: the longest
+    row of a large batch sits near the context limit.
+    """
+    b = max(minimum, 1 << max(n - 1, 0).bit_length()) if n <= 1024 else -(-n // 1024) * 1024
+    return min(b, maximum) if maximum is not None and n <= maximum else b
 
 
-def _grid(records: Sequence[TrajectoryRecord], num_steps: int) -> dict[str, np.ndarray]:
-    """The [N, S] and [N] fields. Failed trajectories are kept as empty rows (excluded)."""
-    n = len(records)
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is >= max(n, 1)."""
+    return -(-max(n, 1) // multiple) * multiple
+
+
+def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Packs items into bins of ``capacity``: bins of item indices (each in increasing order).
+
+    Items go longest first (ties: lower index first) into the first bin with room, a new bin
+    when none has: deterministic, and within 11/9 of the fewest bins plus one.
+    """
+    too_long = [i for i, n in enumerate(lengths) if n > capacity]
+    if too_long:
+        raise ValueError(f"item {too_long[0]} of length {lengths[too_long[0]]} exceeds the capacity {capacity}")
+    room = np.zeros(len(lengths), np.int64)  # at most one bin per item
+    bins: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fits = np.flatnonzero(room[:len(bins)] >= lengths[i])
+        j = int(fits[0]) if fits.size else len(bins)
+        if j == len(bins):
+            bins.append([])
+            room[j] = capacity
+        bins[j].append(i)
+        room[j] -= lengths[i]
+    return [sorted(b) for b in bins]
+
+
+def _grid(records: Sequence[TrajectoryRecord], num_steps: int, num_traj: int | None = None) -> dict[str, np.ndarray]:
+    """The [N, S] and [N] fields, N = ``num_traj`` (default: one per record). Failed
+    trajectories, and the padding ones after the records, have no steps (excluded)."""
+    n = num_traj or len(records)
     out = {"step_rewards": np.zeros((n, num_steps), np.float32), "step_mask": np.zeros((n, num_steps), bool),
            "anchor_ids": np.zeros((n, num_steps), np.int32), "terminated": np.zeros((n,), bool),
            "group_ids": np.zeros((n,), np.int32)}
@@ -106,12 +148,19 @@ def _grid(records: Sequence[TrajectoryRecord], num_steps: int) -> dict[str, np.n
     return out
 
 
-def packed_batch(records: Sequence[TrajectoryRecord], num_steps: int, seq_len: int | None = None) -> StepBatch:
-    """One row per trajectory: [B = N, T] tokens, slots == steps (numpy arrays)."""
+def packed_batch(records: Sequence[TrajectoryRecord], num_steps: int, seq_len: int | None = None, *,
+                 num_rows: int | None = None, row_multiple: int = 1) -> StepBatch:
+    """One row per trajectory: [B = N, T] tokens, slots == steps (numpy arrays).
+
+    T = ``seq_len`` or the bucketed longest trajectory; B = ``num_rows`` or the number of
+    records rounded up to ``row_multiple``, the rows after the records empty (no steps).
+    """
     if any(r.contexts is not None for r in records):
         raise ValueError("these trajectories rebuild their context each step: use step_rows_batch")
     T = seq_len or bucket_len(max(len(r.tokens) for r in records))
-    B = len(records)
+    B = num_rows or round_up(len(records), row_multiple)
+    if len(records) > B:
+        raise ValueError(f"{len(records)} trajectories do not fit in num_rows={B}")
     f = _rows(B, T, num_steps)
     for b, r in enumerate(records):
         if len(r.tokens) > T:
@@ -125,31 +174,59 @@ def packed_batch(records: Sequence[TrajectoryRecord], num_steps: int, seq_len: i
             f["action_mask"][b, s:e] = True
             f["step_ids"][b, s:e] = k
             f["value_pos"][b, k] = s - 1
-    return StepBatch(**f, **_grid(records, num_steps))
+    return StepBatch(**f, **_grid(records, num_steps, B))
 
 
-def step_rows_batch(records: Sequence[TrajectoryRecord], num_steps: int, *, num_rows: int | None = None,
-                    seq_len: int | None = None) -> StepBatch:
-    """One row per (trajectory, step); ``traj_index``/``step_index`` map rows to the grid."""
+def step_rows_batch(records: Sequence[TrajectoryRecord], num_steps: int, *, pack: bool = True,
+                    seq_len: int | None = None, num_rows: int | None = None, num_slots: int | None = None,
+                    row_multiple: int = 1) -> StepBatch:
+    """Per-step rows: each (trajectory, step) is the context the policy saw plus its reply.
+
+    With ``pack`` several step rows share a row of T tokens (first-fit decreasing by length),
+    one segment each: segment ids 1, 2, ... in the order of the row's slots, 0 on the padding
+    (so padding never shares a segment with real tokens); positions restart and attention
+    stays within each segment. Without it each row holds one step row. Slot j of a row is its
+    j-th segment: ``step_ids`` j on its reply, ``traj_index``/``step_index`` [B, S_row] its
+    grid cell, ``value_pos`` the token before its reply.
+
+    T = ``seq_len`` or the bucketed longest step row; B = ``num_rows`` or the rows used
+    rounded up to ``row_multiple``; S_row = ``num_slots`` or the most steps in one row,
+    rounded up to a power of two (a few static shapes). Raises ``ValueError`` naming a step
+    row longer than T, or when the rows or slots given are too few.
+    """
     pairs = [(i, k) for i, r in enumerate(records) if r.failed is None for k in range(r.num_steps)]
     rows = [records[i].step_row(k) for i, k in pairs]
-    R = num_rows or bucket_len(max(len(pairs), 1), minimum=8)
-    if len(pairs) > R:
-        raise ValueError(f"{len(pairs)} steps do not fit in num_rows={R}")
-    T = seq_len or bucket_len(max([len(ids) for ids, _, _ in rows] + [1]))
-    f = _rows(R, T, 1)
-    f["traj_index"] = np.full((R, 1), -1, np.int32)
-    f["step_index"] = np.full((R, 1), -1, np.int32)
-    for row, ((i, k), (ids, logp, start)) in enumerate(zip(pairs, rows)):
-        if len(ids) > T:
-            raise ValueError(f"step row ({i}, {k}) has {len(ids)} tokens > seq_len={T}")
-        f["tokens"][row, :len(ids)] = ids
-        f["seq_lens"][row] = len(ids)
-        f["old_logp"][row, :len(ids)] = logp
-        f["action_mask"][row, start:len(ids)] = True
-        f["step_ids"][row, start:len(ids)] = 0
-        f["value_pos"][row, 0] = start - 1
-        f["traj_index"][row, 0], f["step_index"][row, 0] = i, k
+    lengths = [len(ids) for ids, _, _ in rows]
+    T = seq_len or bucket_len(max(lengths, default=1))
+    for (i, k), n in zip(pairs, lengths):
+        if n > T:
+            raise ValueError(f"step row ({i}, {k}) has {n} tokens > seq_len={T}")
+    bins = first_fit_decreasing(lengths, T) if pack else [[j] for j in range(len(pairs))]
+    R = num_rows or round_up(len(bins), row_multiple)
+    if len(bins) > R:
+        raise ValueError(f"{len(pairs)} steps need {len(bins)} rows > num_rows={R}")
+    most = max((len(b) for b in bins), default=1)
+    S_row = num_slots or bucket_len(most, minimum=1)
+    if most > S_row:
+        raise ValueError(f"a row packs {most} steps > num_slots={S_row}")
+    f = _rows(R, T, S_row)
+    f["traj_index"] = np.full((R, S_row), -1, np.int32)
+    f["step_index"] = np.full((R, S_row), -1, np.int32)
+    f["segment_ids"] = np.zeros((R, T), np.int32)
+    for row, members in enumerate(bins):
+        pos = 0
+        for slot, j in enumerate(members):
+            (i, k), (ids, logp, start) = pairs[j], rows[j]
+            end = pos + len(ids)
+            f["tokens"][row, pos:end] = ids
+            f["segment_ids"][row, pos:end] = slot + 1
+            f["old_logp"][row, pos + start:end] = logp[start:]
+            f["action_mask"][row, pos + start:end] = True
+            f["step_ids"][row, pos + start:end] = slot
+            f["value_pos"][row, slot] = pos + start - 1
+            f["traj_index"][row, slot], f["step_index"][row, slot] = i, k
+            pos = end
+        f["seq_lens"][row] = pos
     return StepBatch(**f, **_grid(records, num_steps))
 
 

@@ -122,6 +122,9 @@ class RolloutSection:
     """Top-k filter; 0 disables it."""
     layout: Literal["packed", "step_rows"] = "packed"
     """``packed``: one row per trajectory; ``step_rows``: one row per (trajectory, step)."""
+    pack_step_rows: bool = True
+    """``step_rows`` layout: pack several short step rows into one row (first-fit decreasing,
+    segment-aware attention) instead of one step per row; ignored by ``packed``."""
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,19 @@ def batch_stats(batch: StepBatch, logp, values, credit, rewards, *, critic_level
     return out | {"explained_variance": 1.0 - var(ret - v) / jnp.maximum(var(ret), 1e-8)}
 
 
+def train_batch(batch: StepBatch, logp, ref_logp, values, credit) -> TrainBatch:
+    """The update's arrays of a scored batch: its log-probs as the old ones (on the actions),
+    the reference log-probs, values [B, T] and the estimator's ``Credit``."""
+    zeros = jnp.zeros_like(logp)
+    return TrainBatch(
+        tokens=batch.tokens, step_ids=batch.step_ids, old_logp=jnp.where(batch.action_mask, logp, 0.0),
+        ref_logp=ref_logp, adv_bt=credit.advantages_bt,
+        returns_bt=credit.returns_bt if credit.returns_bt is not None else zeros, old_values_bt=values,
+        value_pos=batch.value_pos, slot_mask=batch.slot_mask(),
+        returns_bs=credit.returns_bs if credit.returns_bs is not None else jnp.zeros(batch.value_pos.shape),
+        segment_ids=batch.segment_ids)
+
+
 class Trainer:
     """One run: models, optimizer, rollout engine, evaluator, checkpoints and metrics."""
 
@@ -146,27 +159,20 @@ class Trainer:
         return self.tasks(it)[start:start + self.local_tasks]
 
     def _local_batch(self, records) -> StepBatch:
-        """This process's block of the iteration's batch (numpy): rows and length common to
-        every process, group and trajectory ids counted over the whole batch."""
-        batch = self.rt.layout(records)
-        rows, seq_len = distributed.max_over_processes(batch.tokens.shape)
-        if (rows, seq_len) != batch.tokens.shape:
-            batch = self.rt.layout(records, num_rows=rows, seq_len=seq_len)
+        """This process's block of the iteration's batch (numpy): length, rows and slots per
+        row common to every process (the length first: it decides how step rows pack), group
+        and trajectory ids counted over the whole batch."""
+        seq_len, = distributed.max_over_processes((self.rt.seq_len(records),))
+        batch = self.rt.layout(records, seq_len=seq_len)
+        rows, slots = distributed.max_over_processes((batch.batch_size, batch.num_slots))
+        if (rows, slots) != (batch.batch_size, batch.num_slots):
+            batch = self.rt.layout(records, seq_len=seq_len, num_rows=rows, num_slots=slots)
         p = distributed.process_index()
         batch = batch.replace(group_ids=batch.group_ids + p * self.local_tasks)
         if not batch.packed:
-            batch = batch.replace(traj_index=np.where(batch.traj_index >= 0, batch.traj_index + p * len(records), -1))
+            ti = batch.traj_index
+            batch = batch.replace(traj_index=np.where(ti >= 0, ti + p * batch.num_traj, -1))
         return batch
-
-    def _train_batch(self, batch, logp, ref_logp, values, credit) -> TrainBatch:
-        zeros = jnp.zeros_like(logp)
-        return TrainBatch(
-            tokens=batch.tokens, step_ids=batch.step_ids, old_logp=jnp.where(batch.action_mask, logp, 0.0),
-            ref_logp=ref_logp, adv_bt=credit.advantages_bt,
-            returns_bt=credit.returns_bt if credit.returns_bt is not None else zeros, old_values_bt=values,
-            value_pos=batch.value_pos, slot_mask=batch.slot_mask(),
-            returns_bs=credit.returns_bs if credit.returns_bs is not None else jnp.zeros(batch.value_pos.shape),
-            segment_ids=batch.segment_ids)
 
     def step(self) -> dict:
         """Runs iteration ``self.iteration``; returns its metrics."""
@@ -196,7 +202,7 @@ class Trainer:
         sampled = batch
         batch = batch.replace(old_logp=jnp.where(batch.action_mask, logp, 0.0), ref_logp=ref_logp)
         credit, rewards = assign_credit(batch, values, algo=cfg.algo)
-        train = self._train_batch(batch, logp, ref_logp, values, credit)
+        train = train_batch(batch, logp, ref_logp, values, credit)
         # fetched before the updates run: on CPU devices two programs with collectives in
         # flight at once can starve each other of threads
         diag = jax.device_get(batch_stats(sampled, logp, values, credit, rewards,
@@ -218,9 +224,11 @@ class Trainer:
 
         stats = table_stats(distributed.gather_rows(stats_table(records)))
         mean = lambda k: float(np.mean([u[k] for u in updates]))  # noqa: E731
+        real, processed = float(diag["tokens"]), float(rows * host_batch.seq_len)  # every forward runs on rows x T
         out = {"reward/mean": float(diag["reward_sum"]) / self.batch_size,
                "success/rate": stats.get("success", 0.0), "steps/mean": stats.get("steps", 0.0),
-               "tokens/action": stats.get("action_tokens", 0.0), "tokens/total": float(diag["tokens"]),
+               "tokens/action": stats.get("action_tokens", 0.0), "tokens/real": real, "tokens/processed": processed,
+               "tokens/packing_efficiency": real / processed,
                "rollout/failed": stats["failed"], "rollout/invalid_calls": stats.get("invalid_calls", 0.0),
                "policy/loss": mean("policy_loss"), "policy/approx_kl": mean("approx_kl"),
                "policy/entropy": mean("entropy"), "policy/clip_frac": mean("clip_frac"),

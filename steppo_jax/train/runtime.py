@@ -17,7 +17,8 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from steppo_jax import envs, sharding
-from steppo_jax.rollout import RolloutEngine, RolloutSettings, TrajectoryRecord, packed_batch, step_rows_batch
+from steppo_jax.rollout import (RolloutEngine, RolloutSettings, TrajectoryRecord, bucket_len, packed_batch,
+                               step_rows_batch)
 from steppo_jax.sampling import Sampler, SamplingParams
 from steppo_jax.tokenizer import load_tokenizer
 from steppo_jax.train.config import Config, ConfigError
@@ -131,13 +132,39 @@ class Runtime:
     def engine(self, sampler, make_env=None) -> RolloutEngine:
         return RolloutEngine(make_env or self.env_factory(), self.tokenizer, sampler, self.settings(), self.pool)
 
-    def layout(self, records: list[TrajectoryRecord], num_rows: int | None = None,
-               seq_len: int | None = None) -> StepBatch:
-        """The configured layout of a batch of records (numpy arrays), rows and length bucketed
-        unless given (``num_rows`` applies to per-step rows; packed rows are the records)."""
+    def layout(self, records: list[TrajectoryRecord], *, seq_len: int | None = None, num_rows: int | None = None,
+               num_slots: int | None = None) -> StepBatch:
+        """The configured layout of this process's records (numpy arrays).
+
+        T = ``seq_len`` or ``self.seq_len(records)``; the rows (and, for per-step rows, the
+        slots per row) are ``num_rows`` / ``num_slots`` when given, else the fewest that hold
+        the records, rows rounded up to ``self.row_multiple()``.
+        """
+        r, steps = self.cfg.rollout, self.cfg.env.max_steps
+        seq_len = seq_len or self.seq_len(records)
+        if r.layout == "packed":
+            return packed_batch(records, steps, seq_len, num_rows=num_rows, row_multiple=self.row_multiple())
+        return step_rows_batch(records, steps, pack=r.pack_step_rows, seq_len=seq_len, num_rows=num_rows,
+                               num_slots=num_slots, row_multiple=self.row_multiple())
+
+    def seq_len(self, records: list[TrajectoryRecord]) -> int:
+        """T of the layout of ``records``: its longest row (a trajectory, or a step row),
+        bucketed (``bucket_len``) and capped at ``rollout.max_context``."""
         if self.cfg.rollout.layout == "packed":
-            return packed_batch(records, self.cfg.env.max_steps, seq_len=seq_len)
-        return step_rows_batch(records, self.cfg.env.max_steps, num_rows=num_rows, seq_len=seq_len)
+            longest = max((len(r.tokens) for r in records), default=1)
+        else:
+            longest = max((r.step_row_len(k) for r in records if r.failed is None for k in range(r.num_steps)),
+                          default=1)
+        return bucket_len(longest, maximum=self.cfg.rollout.max_context)
+
+    def row_multiple(self) -> int:
+        """This process's rows must be a multiple of this: every minibatch (and micro-batch,
+        where ``optim.micro_batch_rows`` exists) then splits evenly over the (data, fsdp)
+        shards. Rows beyond the records' are padding, so no more are added than that."""
+        o = self.cfg.optim
+        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        per_minibatch = math.lcm(shards, getattr(o, "micro_batch_rows", 0) or 1)
+        return o.minibatches * per_minibatch // jax.process_count()
 
     def batch_sharding(self) -> NamedSharding:
         """Rows over (data, fsdp); everything else replicated."""

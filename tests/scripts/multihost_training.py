@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-KEYS = ("reward/mean", "success/rate", "steps/mean", "tokens/total", "seq_len", "policy/loss", "value/loss",
-        "policy/entropy", "policy/clip_frac", "policy/grad_norm", "sampler_logp_gap", "eval/success", "eval/return")
+KEYS = ("reward/mean", "success/rate", "steps/mean", "tokens/real", "tokens/processed", "seq_len", "policy/loss",
+        "value/loss", "policy/entropy", "policy/clip_frac", "policy/grad_norm", "sampler_logp_gap", "eval/success",
+        "eval/return")
 ITERATIONS = 2
 
 
