@@ -52,7 +52,7 @@ def test_tpu_topology_with_only_a_config_json(tmp_path):
               "tie_word_embeddings": True, "rope_theta": 1e6}
     (tmp_path / "config.json").write_text(json.dumps(config))
     proc = steppo_plan("--topology", "v5e-4", "--json", "--programs", "score,prefill", *TINY, "model.source=hf",
-                       f"model.hf_path={tmp_path}", "model.dtype=bfloat16")
+                       f"model.hf_path={tmp_path}", "model.compute_dtype=bfloat16")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["devices"] == 4 and report["hbm_bytes"] == 16 * 2**30 and report["fits"] is True
