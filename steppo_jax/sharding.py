@@ -89,11 +89,14 @@ def state_shardings(state: Any, mesh: jax.sharding.Mesh, rules=RULES) -> Any:
     return jax.tree.map(one, state, is_leaf=_is_var)
 
 
-def abstract_state(state: Any, mesh: jax.sharding.Mesh) -> Any:
+def abstract_state(state: Any, mesh: jax.sharding.Mesh, rules=RULES, dtype=None) -> Any:
     """An `nnx.State` (concrete or abstract) as `jax.ShapeDtypeStruct` leaves carrying their
-    `state_shardings` on `mesh` (what `jit(...).lower` takes for ahead-of-time compiles)."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
-                        state_shardings(state, mesh))
+    `state_shardings` on `mesh` under `rules` (what `jit(...).lower` takes for ahead-of-time
+    compiles); floating leaves take `dtype` when given (the sampler's copy)."""
+    def one(x, s):
+        cast = dtype is not None and jnp.issubdtype(x.dtype, jnp.floating)
+        return jax.ShapeDtypeStruct(x.shape, dtype if cast else x.dtype, sharding=s)
+    return jax.tree.map(one, state, state_shardings(state, mesh, rules))
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

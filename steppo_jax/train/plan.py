@@ -18,7 +18,8 @@ their prefill width.
 
 Per device: peak = argument + temp + output - alias bytes (donated arguments that become outputs
 count once); resident = bytes that stay allocated while the program runs without being its
-arguments (the optimizer state while sampling, the samplers' KV caches while training, ...);
+arguments (the train state and the reference while sampling, the optimizer state while scoring,
+the reference while updating: the sampler's cache and weights are released before the passes);
 the program fits when peak + resident <= the chip's HBM. FLOPs come from the model config, not
 XLA's cost analysis (on a CPU-hosted TPU compile it counts loop bodies once and skips Pallas
 kernels): 2 x matmul parameters x tokens plus causal attention 2 x L x H x hd x T^2 per
@@ -159,18 +160,22 @@ class Shapes:
     prefill_width: int
 
 
-def shapes(cfg: Config, processes: int, sample_mesh) -> Shapes:
-    """As the trainer pads them (``Runtime.layout``, ``Trainer._local_batch``): rows and length
-    are bucketed to powers of two, per-step rows per process, then stacked over processes."""
-    r, e = cfg.rollout, cfg.env
+def shapes(cfg: Config, processes: int, mesh, sample_mesh) -> Shapes:
+    """The largest shapes the trainer pads to (``Runtime.layout``, ``Trainer._local_batch``):
+    rows rounded up to the mesh's row multiple per process, then stacked over processes; the
+    length bucket of ``rollout.max_context``. Per-step rows count one step per row (no packing:
+    the most rows a batch can need)."""
+    r, e, o = cfg.rollout, cfg.env, cfg.optim
     local_traj = r.tasks_per_iter // processes * r.group_size
-    if r.layout == "packed":
-        rows, slots = local_traj * processes, e.max_steps
-    else:
-        rows, slots = bucket_len(local_traj * e.max_steps, minimum=8) * processes, 1
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    multiple = max(o.minibatches * math.lcm(shards, o.micro_batch_rows or 1) // processes, 1)
+    local_rows = local_traj if r.layout == "packed" else local_traj * e.max_steps
+    rows = -(-local_rows // multiple) * multiple * processes
+    slots = e.max_steps if r.layout == "packed" else 1
     eval_share = -(-e.eval_tasks // processes)
-    return Shapes(rows=rows, seq_len=bucket_len(r.max_context), slots=slots, minibatch=rows // cfg.optim.minibatches,
-                  sample_rows=local_traj, eval_rows=eval_batch_size(eval_share, sample_mesh),
+    return Shapes(rows=rows, seq_len=bucket_len(r.max_context, maximum=r.max_context), slots=slots,
+                  minibatch=rows // o.minibatches, sample_rows=local_traj,
+                  eval_rows=eval_batch_size(eval_share, sample_mesh),
                   prefill_width=bucket(r.max_context - r.max_new_tokens + 1) - 1)
 
 
@@ -281,7 +286,7 @@ def programs(cfg: Config, devices: Sequence[Any], vocab_size: int,
         explicit = all(t == jax.sharding.AxisType.Explicit for t in sample_mesh.axis_types)
         sample_mesh = sharding.make_mesh(*sample_mesh.devices.shape, explicit=explicit, devices=host_devices)
     models, params = abstract_models(cfg, vocab_size, mesh)
-    s = shapes(cfg, processes, sample_mesh)
+    s = shapes(cfg, processes, mesh, sample_mesh)
     o, r = cfg.optim, cfg.rollout
     tx = make_optimizer(o, cfg.train.iterations * o.epochs * o.minibatches)
     opt_state = _opt_state(tx, params, mesh)
@@ -292,15 +297,14 @@ def programs(cfg: Config, devices: Sequence[Any], vocab_size: int,
     batch = TrainBatch(tokens=row(jnp.int32), step_ids=row(jnp.int32), old_logp=row(jnp.float32),
                        ref_logp=row(jnp.float32), adv_bt=row(jnp.float32), returns_bt=row(jnp.float32),
                        old_values_bt=row(jnp.float32), value_pos=row(jnp.int32, s.slots),
-                       slot_mask=row(jnp.bool_, s.slots), returns_bs=row(jnp.float32, s.slots), segment_ids=None)
+                       slot_mask=row(jnp.bool_, s.slots), returns_bs=row(jnp.float32, s.slots),
+                       segment_ids=row(jnp.int32) if cfg.rollout.layout == "step_rows" else None)
     minibatch = _sds((s.minibatch,), jnp.int32, mesh)
 
-    separate = processes > 1  # a sampling replica of the policy on each process's devices
-    sample_params = jax.tree.map(lambda x: _sds(x.shape, x.dtype, sample_mesh, x.sharding.spec), params["policy"])
+    # the sampler's copy: compute dtype, decode layout (Runtime.to_sample_mesh)
+    sample_params = sharding.abstract_state(params["policy"], sample_mesh, sharding.DECODE_RULES,
+                                            jnp.dtype(cfg.model.compute_dtype))
     decode_state = _decode_state(models.config, s.sample_rows, r.max_context, sample_mesh)
-    eval_state = _decode_state(models.config, s.eval_rows, r.max_context, sample_mesh)
-    replica = device_bytes(sample_params) if separate else 0
-    caches = device_bytes(decode_state) + device_bytes(eval_state)
     ref_bytes = device_bytes(ref) if ref is not None else 0
     flops = program_flops(cfg, models, s)
 
@@ -313,19 +317,23 @@ def programs(cfg: Config, devices: Sequence[Any], vocab_size: int,
                 _sds((b,), jnp.int32, sample_mesh), _sds((b,), jnp.bool_, sample_mesh),
                 _sds((b,), jnp.bool_, sample_mesh), _sds((b, 8), jnp.int32, sample_mesh),
                 _sds((b,), keys.dtype, sample_mesh))
-        trained = device_bytes(state) - (0 if separate else device_bytes(params["policy"]))
-        resident = trained + ref_bytes + device_bytes(eval_state)
+        # while sampling: the train state and the reference (the evaluator's sampler is
+        # allocated only while it evaluates, after the rollout's is released)
+        resident = device_bytes(state) + ref_bytes
         per_token = device_bytes(sample_params) + device_bytes(decode_state)
         return Program(jit_generate, args, {"max_new_tokens": r.max_new_tokens, "sampling": sampling,
                                             "span": r.max_context}, resident, sample_mesh, flops[name],
                        loop_bytes=r.max_new_tokens * per_token)
 
-    update = jax.jit(make_update(models, cfg.algo, r.temperature, tx), donate_argnums=0)
+    # the sampler is released before the passes and the updates (Trainer.step)
+    update = jax.jit(make_update(models, cfg.algo, r.temperature, tx, chunk=o.logprob_chunk,
+                                 micro_batch_rows=o.micro_batch_rows), donate_argnums=0)
     out = {
-        "score": Program(score, (models, params, ref, batch.tokens, None),
-                         {"temperature": r.temperature, "with_ref": ref is not None},
-                         device_bytes(opt_state) + replica + caches, mesh, flops["score"]),
-        "update": Program(update, (state, batch, minibatch), {}, ref_bytes + replica + caches, mesh, flops["update"]),
+        "score": Program(score, (models, params, ref, batch.tokens, batch.segment_ids),
+                         {"temperature": r.temperature, "with_ref": ref is not None, "chunk": o.logprob_chunk,
+                          "micro_batch_rows": o.micro_batch_rows},
+                         device_bytes(opt_state), mesh, flops["score"]),
+        "update": Program(update, (state, batch, minibatch), {}, ref_bytes, mesh, flops["update"]),
         "prefill": generate(s.prefill_width, "prefill"),
         "decode": generate(bucket(1) - 1, "decode"),
     }
