@@ -176,6 +176,13 @@ class OptimSection:
     """Adam beta1."""
     b2: float = 0.999
     """Adam beta2."""
+    logprob_chunk: int = 512
+    """Tokens per chunk of the log-prob and entropy computation: the LM head's logits exist
+    for ``rows x logprob_chunk x vocab`` at a time, never for the whole sequence."""
+    micro_batch_rows: int = 0
+    """Rows per micro-batch of the scoring passes and the update, whose gradients are
+    accumulated exactly (0 = whole batches); must divide a minibatch's rows and be a multiple
+    of the devices on the batch axes (data x fsdp)."""
 
 
 @dataclass(frozen=True)
@@ -317,13 +324,13 @@ def _get(cfg: Config, path: str) -> Any:
 _AT_LEAST_ONE = (
     "model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.d_ff",
     "env.max_steps", "env.eval_tasks", "rollout.group_size", "rollout.tasks_per_iter",
-    "rollout.max_new_tokens", "rollout.max_context", "optim.epochs", "optim.minibatches",
+    "rollout.max_new_tokens", "rollout.max_context", "optim.epochs", "optim.minibatches", "optim.logprob_chunk",
     "train.checkpoint_every", "train.eval_every", "train.keep_checkpoints",
     "sft.batch_size", "sft.num_demos", "mesh.fsdp", "mesh.tensor",
 )
 _NON_NEGATIVE = (
     "seed", "env.eval_seed", "env.max_invalid_calls", "rollout.top_k", "algo.step_weight",
-    "algo.value_coef", "algo.entropy_coef", "algo.kl_coef", "optim.warmup_steps",
+    "algo.value_coef", "algo.entropy_coef", "algo.kl_coef", "optim.warmup_steps", "optim.micro_batch_rows",
     "optim.weight_decay", "train.iterations", "sft.steps", "sft.seed_offset",
 )
 _POSITIVE = (
