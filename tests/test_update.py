@@ -1,6 +1,11 @@
 """The update and scoring passes: micro-batched equals whole-minibatch (gradients, metrics,
 scores), and no [B, T, V] logits are ever built."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +18,7 @@ from steppo_jax.train.config import AlgoSection
 from steppo_jax.train.state import Models, TrainState
 from steppo_jax.train.update import TrainBatch, make_update, score
 
+ROOT = Path(__file__).resolve().parent.parent
 V, B, T, S = 37, 8, 16, 3
 CFG = ModelConfig.tiny(vocab_size=V, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8, mlp_dim=32)
 
@@ -111,3 +117,12 @@ def test_no_full_logits_in_the_update():
     seen = list(shapes(jaxpr.jaxpr))
     assert (B, 4, V) in seen  # the chunks
     assert not [s for s in seen if len(s) == 3 and s[1:] == (T, V)]
+
+
+@pytest.mark.slow
+def test_micro_batching_on_sharded_meshes():
+    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    proc = subprocess.run([sys.executable, "-m", "tests.scripts.micro_batch_sharded"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "ALL OK" in proc.stdout
