@@ -51,7 +51,8 @@ def test_chunked_equals_full_values_and_gradients(T, chunk):
 
 def test_without_entropy():
     h, w, tokens, *_ = data(2, 9, 8, 30)
-    lp, ent = jax.jit(lambda h, w, t: token_logprobs_and_entropy(h, w, t, 1.3, chunk=4, with_entropy=False))(h, w, tokens)
+    fn = jax.jit(lambda h, w, t: token_logprobs_and_entropy(h, w, t, 1.3, chunk=4, with_entropy=False))
+    lp, ent = fn(h, w, tokens)
     assert ent is None
     np.testing.assert_allclose(lp, full(h, w, tokens, 1.3)[0], atol=1e-5)
 

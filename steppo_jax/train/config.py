@@ -369,6 +369,9 @@ def _rules(cfg: Config):
            f"must be >= 2 for algo.estimator {a.estimator!r} (advantages are relative within a group)")
     yield ("optim.minibatches", o.minibatches > r.tasks_per_iter * r.group_size,
            "must be <= rollout.tasks_per_iter * rollout.group_size (trajectories per batch)")
+    rows = r.tasks_per_iter * r.group_size // o.minibatches  # of a packed minibatch (per-step rows vary)
+    yield ("optim.micro_batch_rows", r.layout == "packed" and o.micro_batch_rows > 0 and rows % o.micro_batch_rows != 0,
+           f"must divide the {rows} rows of a minibatch (trajectories per batch / optim.minibatches)")
 
 
 def config_from_dict(d: Mapping[str, Any]) -> Config:
