@@ -155,7 +155,8 @@ def loss_terms(logp, ent, values, mb: TrainBatch, models: Models, algo: AlgoSect
     else:
         value = jnp.zeros(()), jnp.ones(())
     terms = {"policy_loss": policy, "value_loss": value,
-             "entropy": losses.aggregate(ent, mb.step_ids, S, algo.aggregation), "clip_frac": stats.clip_frac, "approx_kl": stats.approx_kl, "ratio_mean": stats.ratio_mean}
+             "entropy": losses.aggregate(ent, mb.step_ids, S, algo.aggregation),
+             "clip_frac": stats.clip_frac, "approx_kl": stats.approx_kl, "ratio_mean": stats.ratio_mean}
     if algo.kl_coef:  # there is a reference policy only when KL is used
         terms["kl_ref"] = losses.aggregate(losses.kl_penalty(logp, mb.ref_logp, algo.kl_kind), mb.step_ids, S,
                                            algo.aggregation)
