@@ -133,6 +133,9 @@ def test_int_is_accepted_where_float_is_expected():
     (["sft.noise=2"], "sft.noise"),
     (["sft.mistake=-0.1"], "sft.mistake"),
     (["optim.minibatches=64"], "optim.minibatches"),
+    (["optim.micro_batch_rows=-1"], "optim.micro_batch_rows = -1 must be >= 0"),
+    (["optim.micro_batch_rows=3"], "optim.micro_batch_rows = 3 must divide the 16 rows of a minibatch"),
+    (["optim.logprob_chunk=0"], "optim.logprob_chunk = 0 must be >= 1"),
 ])
 def test_cross_field_rules(overrides, needle):
     assert needle in _error(overrides)

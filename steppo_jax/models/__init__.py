@@ -3,7 +3,7 @@
 from steppo_jax.models.config import ModelConfig
 from steppo_jax.models.decoder import Critic, Decoder, ValueHead, create_sharded, default_positions
 from steppo_jax.models.hf import load_hf_checkpoint, read_hf_config, save_hf_checkpoint
-from steppo_jax.models.logprobs import token_logprobs
+from steppo_jax.models.logprobs import token_logprobs, token_logprobs_and_entropy
 
 __all__ = [
     "Critic",
@@ -16,4 +16,5 @@ __all__ = [
     "read_hf_config",
     "save_hf_checkpoint",
     "token_logprobs",
+    "token_logprobs_and_entropy",
 ]

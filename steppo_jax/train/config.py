@@ -193,6 +193,13 @@ class OptimSection:
     """Adam beta1."""
     b2: float = 0.999
     """Adam beta2."""
+    logprob_chunk: int = 512
+    """Tokens per chunk of the log-prob and entropy computation: the LM head's logits exist
+    for ``rows x logprob_chunk x vocab`` at a time, never for the whole sequence."""
+    micro_batch_rows: int = 0
+    """Rows per micro-batch of the scoring passes and the update, whose gradients are
+    accumulated exactly (0 = whole batches); must divide a minibatch's rows and be a multiple
+    of the devices on the batch axes (data x fsdp)."""
 
 
 @dataclass(frozen=True)
@@ -334,13 +341,13 @@ def _get(cfg: Config, path: str) -> Any:
 _AT_LEAST_ONE = (
     "model.d_model", "model.attention_block", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.d_ff",
     "env.max_steps", "env.eval_tasks", "rollout.group_size", "rollout.tasks_per_iter",
-    "rollout.max_new_tokens", "rollout.max_context", "optim.epochs", "optim.minibatches",
+    "rollout.max_new_tokens", "rollout.max_context", "optim.epochs", "optim.minibatches", "optim.logprob_chunk",
     "train.checkpoint_every", "train.eval_every", "train.keep_checkpoints",
     "sft.batch_size", "sft.num_demos", "mesh.fsdp", "mesh.tensor",
 )
 _NON_NEGATIVE = (
     "seed", "env.eval_seed", "env.max_invalid_calls", "rollout.top_k", "algo.step_weight",
-    "algo.value_coef", "algo.entropy_coef", "algo.kl_coef", "optim.warmup_steps",
+    "algo.value_coef", "algo.entropy_coef", "algo.kl_coef", "optim.warmup_steps", "optim.micro_batch_rows",
     "optim.weight_decay", "train.iterations", "sft.steps", "sft.seed_offset",
 )
 _POSITIVE = (
@@ -379,6 +386,9 @@ def _rules(cfg: Config):
            f"must be >= 2 for algo.estimator {a.estimator!r} (advantages are relative within a group)")
     yield ("optim.minibatches", o.minibatches > r.tasks_per_iter * r.group_size,
            "must be <= rollout.tasks_per_iter * rollout.group_size (trajectories per batch)")
+    rows = r.tasks_per_iter * r.group_size // o.minibatches  # of a packed minibatch (per-step rows vary)
+    yield ("optim.micro_batch_rows", r.layout == "packed" and o.micro_batch_rows > 0 and rows % o.micro_batch_rows != 0,
+           f"must divide the {rows} rows of a minibatch (trajectories per batch / optim.minibatches)")
 
 
 def config_from_dict(d: Mapping[str, Any]) -> Config:

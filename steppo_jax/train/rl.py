@@ -107,6 +107,9 @@ class Trainer:
         if self.batch_size % (o.minibatches * n_dev):
             raise ValueError(f"rollout.tasks_per_iter x rollout.group_size = {self.batch_size} trajectories must split "
                              f"into optim.minibatches={o.minibatches} minibatches of a multiple of {n_dev} devices")
+        if o.micro_batch_rows % n_dev:
+            raise ConfigError(f"optim.micro_batch_rows={o.micro_batch_rows} must be a multiple of the {n_dev} devices "
+                              "on the batch axes (mesh.data x mesh.fsdp)")
         self.models, params = build_models(cfg, len(self.rt.tokenizer), self.rt.mesh)
         if policy_params is not None:  # copied onto this mesh: the update donates its own state only
             params["policy"] = jax.tree.map(lambda x, t: jax.device_put(x, t.sharding, may_alias=False),
@@ -120,7 +123,8 @@ class Trainer:
         self.tx = make_optimizer(o, cfg.train.iterations * o.epochs * o.minibatches)
         with jax.set_mesh(self.rt.mesh):
             self.state = init_state(params, self.tx)
-        self.update = jax.jit(make_update(self.models, cfg.algo, r.temperature, self.tx), donate_argnums=0)
+        self.update = jax.jit(make_update(self.models, cfg.algo, r.temperature, self.tx, chunk=o.logprob_chunk,
+                                          micro_batch_rows=o.micro_batch_rows), donate_argnums=0)
         policy = nnx.merge(self.models.policy_def, self.rt.to_sample_mesh(params["policy"]))
         local_rows = self.local_tasks * r.group_size
         self.sampler = self.rt.sampler(policy, local_rows, first_row=distributed.process_index() * local_rows)
@@ -193,12 +197,18 @@ class Trainer:
 
     def _learn(self, it: int, records, host_batch: StepBatch) -> dict:
         """Scoring passes, credit and the PPO epochs on this iteration's batch; its metrics."""
-        cfg = self.cfg
+        cfg, o = self.cfg, self.cfg.optim
         t1 = time.perf_counter()
         batch = self.rt.put_local(host_batch)
+        rows = batch.tokens.shape[0]
+        size = rows // o.minibatches
+        if o.micro_batch_rows and size % o.micro_batch_rows:
+            raise ConfigError(f"optim.micro_batch_rows={o.micro_batch_rows} must divide the {size} rows of a minibatch "
+                              f"({rows} rows / optim.minibatches={o.minibatches})")
         logp, ref_logp, values = score(self.models, self.state.params, self.ref_params, batch.tokens,
                                        batch.segment_ids, temperature=cfg.rollout.temperature,
-                                       with_ref=self.ref_params is not None)
+                                       with_ref=self.ref_params is not None, chunk=o.logprob_chunk,
+                                       micro_batch_rows=o.micro_batch_rows)
         sampled = batch
         batch = batch.replace(old_logp=jnp.where(batch.action_mask, logp, 0.0), ref_logp=ref_logp)
         credit, rewards = assign_credit(batch, values, algo=cfg.algo)
@@ -209,13 +219,11 @@ class Trainer:
                                           critic_level=self.models.critic_level))
         t2 = time.perf_counter()
 
-        rows = train.tokens.shape[0]
-        size = rows // cfg.optim.minibatches
         order = np.random.default_rng([cfg.seed, it])
         updates = []
-        for _ in range(cfg.optim.epochs):
+        for _ in range(o.epochs):
             perm = order.permutation(rows)
-            for m in range(cfg.optim.minibatches):
+            for m in range(o.minibatches):
                 self.state, metrics = self.update(self.state, train, perm[m * size:(m + 1) * size])
                 updates.append(metrics)
         updates = jax.device_get(updates)
