@@ -159,11 +159,11 @@ class Runtime:
 
     def row_multiple(self) -> int:
         """This process's rows must be a multiple of this: every minibatch (and micro-batch,
-        where ``optim.micro_batch_rows`` exists) then splits evenly over the (data, fsdp)
+        with ``optim.micro_batch_rows``) then splits evenly over the (data, fsdp)
         shards. Rows beyond the records' are padding, so no more are added than that."""
         o = self.cfg.optim
         shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        per_minibatch = math.lcm(shards, getattr(o, "micro_batch_rows", 0) or 1)
+        per_minibatch = math.lcm(shards, o.micro_batch_rows or 1)
         return o.minibatches * per_minibatch // jax.process_count()
 
     def batch_sharding(self) -> NamedSharding:
