@@ -209,3 +209,19 @@ def test_release_frees_the_cache_and_a_new_conversation_matches_a_fresh_sampler(
     again = s.step([[8, 9], [10]], [], jax.random.key(1))
     fresh = Sampler(model, batch_size=2, capacity=64, max_new_tokens=5, sampling=SamplingParams(greedy=True))
     assert again.tokens == fresh.step([[8, 9], [10]], [], jax.random.key(1), reset=True).tokens
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(greedy=True), SamplingParams(temperature=0.9)])
+def test_chunked_prefill_equals_one_pass(model, sampling):
+    """Prompts of 21 and 5 tokens (and a second turn) prefilled 8 tokens at a time."""
+    prompts = [list(range(1, 22)), [3, 4, 5, 6, 7]]
+    outs = []
+    for chunk in (8, 1024):
+        s = Sampler(model, batch_size=2, capacity=96, max_new_tokens=6, sampling=sampling, prefill_chunk=chunk)
+        first = s.step(prompts, [], jax.random.key(0), reset=True)
+        second = s.step([[30, 31] * 6, [40]], [], jax.random.key(1))
+        outs.append((first, second))
+    for a, b in zip(*outs):
+        assert a.tokens == b.tokens
+        for x, y in zip(a.logprobs, b.logprobs):
+            np.testing.assert_allclose(x, y, atol=1e-5)

@@ -59,10 +59,32 @@ def _fold_in(keys: jax.Array, i) -> jax.Array:
     return jax.vmap(jax.random.fold_in, (0, None))(keys, i)
 
 
+def _prefill(model, tokens, lengths, count, kv, span, chunk: int):
+    """Writes row b's first count[b] ``tokens`` [B, N] into the cache at positions lengths[b]..,
+    ``chunk`` tokens at a time (N a multiple of it, or N <= chunk), so activations stay
+    [B, chunk, ...] however long the prompt. Returns (hidden of each row's last token [B, D], kv)."""
+    b, n = tokens.shape
+    c = min(chunk, n)
+    offsets = jnp.arange(n, dtype=jnp.int32).reshape(n // c, c)
+
+    def one(carry, off):  # off [c]: this chunk's offsets
+        last, kv = carry
+        tok = jax.lax.dynamic_slice_in_dim(tokens, off[0], c, axis=1)
+        h, kv = model.extend(tok, lengths[:, None] + off, off < count[:, None], kv, span)
+        i = count - 1 - off[0]  # the row's last token, if it falls in this chunk
+        here = (i >= 0) & (i < c)
+        pick = jax.vmap(lambda x, j: x[j])(h, jnp.clip(i, 0, c - 1))
+        return (jnp.where(here[:, None], pick, last), kv), None
+
+    last = jnp.zeros((b, model.config.d_model), model.config.jnp_dtype)
+    (last, kv), _ = jax.lax.scan(one, (constrain(last, ("batch", None)), kv), offsets)
+    return last, kv
+
+
 def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, new_tokens: jax.Array,
              new_lens: jax.Array, active: jax.Array, reset: jax.Array, stop_ids: jax.Array,
              keys: jax.Array, *, max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
-             span: int | None = None) -> tuple[DecodeState, Generation]:
+             span: int | None = None, prefill_chunk: int = 1024) -> tuple[DecodeState, Generation]:
     """One agent step for every active row.
 
     new_tokens [B,N] int32 (row b's first new_lens[b] entries are real); active [B] bool; reset
@@ -72,6 +94,8 @@ def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, new_
     pending token or a new one), and lengths + pending + new_lens + max_new_tokens <= capacity
     (not checked here: see `Sampler`). span (static): attend over the first `span` cache slots
     only; it must exceed every position this call writes (default: the whole capacity).
+    prefill_chunk (static): new tokens prefilled per pass (N + 1 must be a multiple of it or
+    at most it; powers of two are).
     Returns (new state, Generation).
     """
     model = nnx.merge(graphdef, params)
@@ -87,10 +111,8 @@ def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, new_
                        jnp.concatenate([state.pending[:, None], new_tokens], axis=1),
                        jnp.concatenate([new_tokens, jnp.zeros_like(new_tokens[:, :1])], axis=1))
     count = jnp.where(active, new_lens + has_pending.astype(jnp.int32), 0)
-    offsets = jnp.arange(n + 1, dtype=jnp.int32)
-    h, kv = model.extend(tokens, lengths[:, None] + offsets, offsets < count[:, None], state.kv, span)
+    last, kv = _prefill(model, tokens, lengths, count, state.kv, span, prefill_chunk)
     lengths = lengths + count
-    last = jax.vmap(lambda x, i: x[i])(h, jnp.maximum(count - 1, 0))
     logits = model.logits(last)
 
     def is_stop(tok):
@@ -133,5 +155,5 @@ def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, new_
     return new_state, Generation(out_tok, out_lp, counts, stopped)
 
 
-jit_generate = jax.jit(generate, static_argnames=("graphdef", "max_new_tokens", "sampling", "span"),
+jit_generate = jax.jit(generate, static_argnames=("graphdef", "max_new_tokens", "sampling", "span", "prefill_chunk"),
                        donate_argnames=("state",))

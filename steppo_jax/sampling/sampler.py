@@ -19,6 +19,12 @@ def bucket(n: int, minimum: int = 8) -> int:
     return max(minimum, 1 << max(n - 1, 0).bit_length())
 
 
+def prefill_width(n: int, chunk: int) -> int:
+    """Tokens a call prefills for ``n`` (the longest row's new tokens + its pending token): a
+    power of two up to ``chunk``, then a multiple of ``chunk`` (prefilled a chunk at a time)."""
+    return bucket(n) if n <= chunk else -(-n // chunk) * chunk
+
+
 @jax.jit
 def _row_keys(key: jax.Array, rows: jax.Array) -> jax.Array:
     """One key per global row index: rows [B] -> keys [B]."""
@@ -40,7 +46,9 @@ class Sampler:
     `step(new_tokens, stop_ids, key)`: row b gets `new_tokens[b]` appended (prompt on the first
     turn, observation tokens later; None = row inactive this call, left untouched) and decodes
     one step. `reset=True` (or `reset=[...]` per row) starts new conversations. New-token widths
-    are bucketed to powers of two, and attention reads only the cache prefix the call can reach
+    are bucketed to powers of two up to `prefill_chunk`, then to multiples of it, and prefilled
+    `prefill_chunk` tokens at a time (activations stay [B, prefill_chunk, ...] for any prompt
+    length); attention reads only the cache prefix the call can reach
     (also a power-of-two bucket), so repeated turns reuse one compiled program per bucket pair.
     The cache holds `capacity` tokens per row; each row's total (all turns, prompt, observations
     and generated tokens) must stay within it, which `step` checks before running.
@@ -56,8 +64,9 @@ class Sampler:
 
     def __init__(self, model, *, batch_size: int, capacity: int, max_new_tokens: int,
                  sampling: SamplingParams = SamplingParams(), max_stop_ids: int = 8,
-                 mesh: jax.sharding.Mesh | None = None, first_row: int = 0):
+                 mesh: jax.sharding.Mesh | None = None, first_row: int = 0, prefill_chunk: int = 1024):
         self.graphdef, self.params = nnx.split(model)
+        self.prefill_chunk = prefill_chunk
         self.batch_size, self.capacity, self.first_row = batch_size, capacity, first_row
         self.max_new_tokens, self.sampling, self.max_stop_ids = max_new_tokens, sampling, max_stop_ids
         self.mesh, self.config = mesh, model.config
@@ -107,8 +116,9 @@ class Sampler:
         # attend only over the cache prefix this call can reach (power-of-two buckets, >= 128)
         reach = int(np.max(np.where(active, lengths + lens + 1 + self.max_new_tokens, 1)))
         span = min(self.capacity, bucket(reach, 128))
-        # width + 1 (the pending token generate prepends) is a power of two
-        tok = np.zeros((b, bucket(int(lens.max(initial=0)) + 1) - 1), np.int32)
+        # width + 1 (with the pending token generate prepends) is a power of two or a multiple
+        # of the prefill chunk
+        tok = np.zeros((b, prefill_width(int(lens.max(initial=0)) + 1, self.prefill_chunk) - 1), np.int32)
         for r in np.flatnonzero(active):
             tok[r, :lens[r]] = new_tokens[r]
         stops = self._stop_array(stop_ids)
@@ -118,7 +128,8 @@ class Sampler:
             self.state, out = jit_generate(
                 self.graphdef, self.params, self.state, jnp.asarray(tok), jnp.asarray(lens, jnp.int32),
                 jnp.asarray(active), jnp.asarray(reset_rows), jnp.asarray(stops), keys,
-                max_new_tokens=self.max_new_tokens, sampling=self.sampling, span=span)
+                max_new_tokens=self.max_new_tokens, sampling=self.sampling, span=span,
+                prefill_chunk=self.prefill_chunk)
         tokens, logprobs, n, stopped = jax.device_get(tuple(out))
         self._lengths = np.where(active, lengths + lens + n, lengths)
         return StepOutput(

@@ -120,6 +120,9 @@ class RolloutSection:
     """Nucleus filter in (0, 1]; 1 disables it."""
     top_k: int = 0
     """Top-k filter; 0 disables it."""
+    prefill_chunk: int = 1024
+    """Prompt tokens the sampler prefills per pass: long prompts are prefilled a chunk at a
+    time, so their activations stay [rows, prefill_chunk, ...]."""
     layout: Literal["packed", "step_rows"] = "packed"
     """``packed``: one row per trajectory; ``step_rows``: one row per (trajectory, step)."""
     pack_step_rows: bool = True
@@ -341,7 +344,7 @@ def _get(cfg: Config, path: str) -> Any:
 _AT_LEAST_ONE = (
     "model.d_model", "model.attention_block", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.d_ff",
     "env.max_steps", "env.eval_tasks", "rollout.group_size", "rollout.tasks_per_iter",
-    "rollout.max_new_tokens", "rollout.max_context", "optim.epochs", "optim.minibatches", "optim.logprob_chunk",
+    "rollout.max_new_tokens", "rollout.max_context", "rollout.prefill_chunk", "optim.epochs", "optim.minibatches", "optim.logprob_chunk",
     "train.checkpoint_every", "train.eval_every", "train.keep_checkpoints",
     "sft.batch_size", "sft.num_demos", "mesh.fsdp", "mesh.tensor",
 )

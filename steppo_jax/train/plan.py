@@ -46,6 +46,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from steppo_jax import sharding
 from steppo_jax.rollout.records import bucket_len
 from steppo_jax.sampling import SamplingParams, bucket, init_state as init_decode_state, jit_generate
+from steppo_jax.sampling.sampler import prefill_width
 from steppo_jax.train.config import Config, ConfigError
 from steppo_jax.train.evaluate import eval_batch_size
 from steppo_jax.train.runtime import local_mesh
@@ -176,7 +177,7 @@ def shapes(cfg: Config, processes: int, mesh, sample_mesh) -> Shapes:
     return Shapes(rows=rows, seq_len=bucket_len(r.max_context, maximum=r.max_context), slots=slots,
                   minibatch=rows // o.minibatches, sample_rows=local_traj,
                   eval_rows=eval_batch_size(eval_share, sample_mesh),
-                  prefill_width=bucket(r.max_context - r.max_new_tokens + 1) - 1)
+                  prefill_width=prefill_width(r.max_context - r.max_new_tokens + 1, r.prefill_chunk) - 1)
 
 
 def check_batch(cfg: Config, mesh, processes: int) -> None:
@@ -322,7 +323,7 @@ def programs(cfg: Config, devices: Sequence[Any], vocab_size: int,
         resident = device_bytes(state) + ref_bytes
         per_token = device_bytes(sample_params) + device_bytes(decode_state)
         return Program(jit_generate, args, {"max_new_tokens": r.max_new_tokens, "sampling": sampling,
-                                            "span": r.max_context}, resident, sample_mesh, flops[name],
+                                            "span": r.max_context, "prefill_chunk": r.prefill_chunk}, resident, sample_mesh, flops[name],
                        loop_bytes=r.max_new_tokens * per_token)
 
     # the sampler is released before the passes and the updates (Trainer.step)

@@ -107,7 +107,8 @@ class Runtime:
         r = self.cfg.rollout
         sampling = SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, greedy=greedy)
         return Sampler(model, batch_size=batch_size, capacity=r.max_context, max_new_tokens=r.max_new_tokens,
-                       sampling=sampling, mesh=self.sample_mesh, first_row=first_row)
+                       sampling=sampling, mesh=self.sample_mesh, first_row=first_row,
+                       prefill_chunk=r.prefill_chunk)
 
     def to_sample_mesh(self, params):
         """The sampler's copy of policy ``params`` (train mesh): in the compute dtype, laid out
