@@ -123,8 +123,8 @@ def test_stop_tokens_per_row_and_inactive_rows_untouched(model):
     after = jax.tree.map(np.asarray, s.state)
     assert out2.tokens[0] == [] and out2.tokens[2] == [] and len(out2.tokens[1]) == 10
     for r in (0, 2):
-        for c0, c1 in zip(before.kv, after.kv):  # k, v: [L, B, C, K, hd]
-            np.testing.assert_array_equal(c0[:, r], c1[:, r])
+        for c0, c1 in zip(before.kv, after.kv):  # k, v: [B, L, C, K, hd]
+            np.testing.assert_array_equal(c0[r], c1[r])
         assert before.lengths[r] == after.lengths[r] and before.pending[r] == after.pending[r]
 
 

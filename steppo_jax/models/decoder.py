@@ -110,7 +110,7 @@ class Decoder(nnx.Module):
     def extend(self, tokens, positions, valid, kv, span: int | None = None):
         """Appends tokens to a KV cache and returns their hidden states.
 
-        tokens, positions [B,T] int32; valid [B,T] bool; kv: (k, v), each [L,B,C,K,hd] (see
+        tokens, positions [B,T] int32; valid [B,T] bool; kv: (k, v), each [B,L,C,K,hd] (see
         `init_kv`). Cache slot == position: token (b,t) is written at slot positions[b,t] when
         valid (invalid ones are dropped), then attends to slots <= its position. The caller keeps
         every slot below a row's new positions filled. `span` (static, default C): attend over
@@ -138,10 +138,10 @@ class Decoder(nnx.Module):
 
 
 def init_kv(config: ModelConfig, batch: int, capacity: int):
-    """An empty cache (k, v): zeros [L, batch, capacity, K, hd] each (compute dtype),
+    """An empty cache (k, v): zeros [batch, L, capacity, K, hd] each (compute dtype),
     batch-sharded over (data, fsdp) and kv heads over tensor under a mesh."""
-    shape = (config.n_layers, batch, capacity, config.n_kv_heads, config.head_dim)
-    names = ("layers", "batch", "length", "kv_heads", "head_dim")
+    shape = (batch, config.n_layers, capacity, config.n_kv_heads, config.head_dim)
+    names = ("batch", "layers", "length", "kv_heads", "head_dim")
     zeros = lambda: sharding.constrain(jnp.zeros(shape, config.jnp_dtype), names)  # noqa: E731
     return zeros(), zeros()
 

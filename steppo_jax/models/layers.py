@@ -8,6 +8,8 @@ matmul (`use_weight`).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -113,24 +115,23 @@ class Attention(nnx.Module):
 
     def extend(self, x, cos, sin, cache, layer, slots, positions, span: int):
         """Cached attention: this call's keys/values are written into layer `layer` of the
-        stacked cache (k, v) [L,B,C,K,hd] at `slots` [B,T] (out-of-range slots are dropped),
+        stacked cache (k, v) [B,L,C,K,hd] at `slots` [B,T] (out-of-range slots are dropped),
         then queries at `positions` [B,T] attend over cache slots [0, span).
         Returns (y [B,T,D], cache)."""
         q, k, v = self._qkv(x, cos, sin)
         cache = tuple(_write(c, layer, slots, new) for c, new in zip(cache, (k, v)))
-        k, v = (jax.lax.dynamic_index_in_dim(c, layer, keepdims=False)[:, :span].astype(x.dtype)
+        k, v = (jax.lax.dynamic_index_in_dim(c, layer, axis=1, keepdims=False)[:, :span].astype(x.dtype)
                 for c in cache)
         y = attention.cached_attention(q, k, v, q_pos=positions, impl=self.cfg.attention,
                                        block=self.cfg.attention_block)
         return self._out(y), cache
 
 
+@functools.partial(jax.vmap, in_axes=(0, None, 0, 0))
 def _write(cache, layer, slots, new):
-    """cache [L,B,C,K,hd] with new [B,T,K,hd] written at (layer, b, slots[b]) (out-of-range
-    slots dropped): one in-place scatter into the stacked cache."""
-    def row(c, s, n):  # c [L,C,K,hd]
-        return c.at[layer, s].set(n.astype(c.dtype), mode="drop")
-    return jax.vmap(row, in_axes=(1, 0, 0), out_axes=1)(cache, slots, new)
+    """Per row: cache [L,C,K,hd] with new [T,K,hd] written at (layer, slots) (out-of-range
+    slots dropped). Batch-first, so the scatter updates the cache in place."""
+    return cache.at[layer, slots].set(new.astype(cache.dtype), mode="drop")
 
 
 class MLP(nnx.Module):

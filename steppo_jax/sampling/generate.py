@@ -27,7 +27,7 @@ from steppo_jax.sharding import constrain
 class DecodeState:
     """Per-row conversation state carried across calls (donate it).
 
-    kv: (k, v), each [L, B, C, K, hd] (layers, rows, cache slots); lengths [B] int32 (tokens in the cache);
+    kv: (k, v), each [B, L, C, K, hd] (rows, layers, cache slots); lengths [B] int32 (tokens in the cache);
     pending [B] int32 (last sampled token, not yet cached); has_pending [B] bool.
     """
 
