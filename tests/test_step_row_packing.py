@@ -1,7 +1,6 @@
 """Per-step rows packed several to a row: first-fit decreasing, row counts, and packed == one
 step per row for the decoder, the credit, the loss and its gradients."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +15,7 @@ from steppo_jax.rollout.records import first_fit_decreasing
 from steppo_jax.train.config import load_config
 from steppo_jax.train.rl import train_batch
 from steppo_jax.train.state import build_models, make_mesh
-from steppo_jax.train.update import assign_credit, loss_fn, score
+from steppo_jax.train.update import assign_credit, denominators, loss_fn, score
 from steppo_jax.types import validate
 
 VOCAB, S = 64, 3
@@ -110,8 +109,9 @@ def test_loss_and_gradients_match_one_step_per_row():
     mesh = make_mesh(cfg)
     models, params = build_models(cfg, VOCAB, mesh)
     records = make_records(3)
-    grad_fn = jax.jit(jax.value_and_grad(
-        functools.partial(loss_fn, models=models, algo=cfg.algo, temperature=1.0), has_aux=True))
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = jax.jit(lambda p, mb: value_and_grad(p, mb, denominators(mb, models, cfg.algo), models, cfg.algo, 1.0,
+                                                   512))
 
     def loss_and_grads(batch):
         rows = NamedSharding(mesh, P(("data", "fsdp")))  # as the trainer places batches
@@ -124,8 +124,8 @@ def test_loss_and_gradients_match_one_step_per_row():
         return grad_fn(params, train_batch(batch, logp, ref_logp, values, credit)._replace(old_logp=old))
 
     with jax.set_mesh(mesh):
-        (loss_a, metrics_a), grads_a = loss_and_grads(validate(step_rows_batch(records, S, pack=False)))
-        (loss_b, metrics_b), grads_b = loss_and_grads(validate(step_rows_batch(records, S, seq_len=64)))
+        (loss_a, (metrics_a, _)), grads_a = loss_and_grads(validate(step_rows_batch(records, S, pack=False)))
+        (loss_b, (metrics_b, _)), grads_b = loss_and_grads(validate(step_rows_batch(records, S, seq_len=64)))
     for key in ("policy_loss", "value_loss", "entropy", "clip_frac", "approx_kl"):
         np.testing.assert_allclose(metrics_b[key], metrics_a[key], rtol=1e-4, atol=1e-6, err_msg=key)
     np.testing.assert_allclose(loss_b, loss_a, rtol=1e-5)

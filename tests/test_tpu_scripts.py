@@ -8,6 +8,7 @@ the exact argv; remote commands (ssh --command) are split again the same way.
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
 import shutil
@@ -113,7 +114,8 @@ def test_paper_script_runs_the_whole_lifecycle_in_order(script):
     assert collapse([tpu_stage(c) for c in cmds]) == ["create", "install", "copy", "launch", "watch", "fetch",
                                                      "delete"]
     create = cmds[0]
-    assert create[5] == name and "--accelerator-type=v4-32" in create
+    assert create[5] == name and "--accelerator-type=v5litepod-32" in create
+    assert "--version=v2-alpha-tpuv5-lite" in create  # the runtime a v5e boots
     # every gcloud TPU command names the same TPU, right after the verb (scp: NAME:path)
     for cmd in cmds:
         if cmd[:4] == TPU:
@@ -145,16 +147,21 @@ def test_paper_script_runs_the_whole_lifecycle_in_order(script):
     assert "--worker=0" in watch
     fetch = [c for c in cmds if c[:5] == [*TPU, "scp"] and "--worker=0" in c]
     assert fetch[0][5:8] == ["--recurse", f"{name}:steppo_jax/runs/{name}", f"results/{name}/"]
-    assert cmds[-1] == [*TPU, "delete", name, "--zone", "us-central2-b", "--quiet"]
+    assert cmds[-1] == [*TPU, "delete", name, "--zone", "us-west4-a", "--quiet"]
 
 
 @pytest.mark.parametrize("script", sorted(PAPER))
 def test_paper_mesh_fits_the_default_slice(script):
     from steppo_jax.train import load_config
 
+    from steppo_jax.train.plan import topology
+
     cfg = load_config(str(ROOT / PAPER[script][0]))
-    chips = 32 // 2  # v4-32: 32 TensorCores, 2 per chip, one JAX device per chip
-    assert chips % (cfg.mesh.fsdp * cfg.mesh.tensor) == 0
+    create = next(c for c in dry_run(script) if tpu_stage(c) == "create")
+    accelerator = next(w for w in create if w.startswith("--accelerator-type=")).split("=")[1]
+    topo = topology(accelerator)  # one JAX device per chip
+    chips = math.prod(int(n) for n in topo.shape.split("x"))
+    assert topo.family == "v5e" and chips == 32 and chips % (cfg.mesh.fsdp * cfg.mesh.tensor) == 0
 
 
 def test_options_overrides_and_sources():
@@ -165,6 +172,11 @@ def test_options_overrides_and_sources():
     assert collapse([tpu_stage(c) for c in cmds]) == ["create", "install", "mount", "copy", "launch", "watch",
                                                      "fetch", "delete"]
     assert cmds[0][:6] == [*TPU, "create", "my-tpu"] and "--spot" in cmds[0] and "--accelerator-type=v5p-16" in cmds[0]
+    assert "--version=v2-alpha-tpuv5" in cmds[0]
+    assert "--version=my-runtime" in dry_run("tpu_run.sh", "--config", "configs/default.yaml", "--no-plan",
+                                             "--version", "my-runtime")[0]
+    assert "--version=tpu-ubuntu2204-base" in dry_run("tpu_run.sh", "--config", "configs/default.yaml",
+                                                      "--no-plan")[0]  # v4-8
     assert all(c[c.index("--project") + 1] == "proj" for c in cmds if c[:4] == TPU)
     mount = remote(next(c for c in cmds if tpu_stage(c) == "mount"))
     assert mount.endswith("gcsfuse --implicit-dirs bkt steppo_jax/gcs")
@@ -271,8 +283,8 @@ def test_plan_before_create_aborts_when_the_run_does_not_fit(tmp_path):
     assert cmds[0][4] == "create"
     (hf, steppo) = calls(log)
     assert hf[:5] == ["hf", "download", "Qwen/Qwen2.5-3B-Instruct", "config.json", "--local-dir"]
-    assert steppo == ["steppo", "plan", "--config", "configs/paper_hotpotqa_qwen2.5_3b.yaml", "--topology", "v4-32",
-                      f"model.hf_path={hf[5]}", "rollout.max_context=4096"]
+    assert steppo == ["steppo", "plan", "--config", "configs/paper_hotpotqa_qwen2.5_3b.yaml", "--topology",
+                      "v5litepod-32", f"model.hf_path={hf[5]}", "rollout.max_context=4096"]
 
     proc = run_script("paper_hotpotqa_qwen2.5_3b.sh", "--accelerator", "v5e-8", plan_status=1)
     assert proc.returncode == 1 and proc.stdout == "" and "does not fit v5e-8" in proc.stderr

@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
 # The paper's HotpotQA run: StepPO on Qwen2.5-3B-Instruct (configs/paper_hotpotqa_qwen2.5_3b.yaml)
-# on a v4-32 pod slice (4 hosts, 16 chips: the config's mesh is fsdp 8 x data 2), from creation
-# to teardown. The workers download the checkpoint from the Hugging Face Hub and the HotpotQA
-# train split from its authors' site.
+# on a v5e-32 pod slice (v5litepod-32: 8 hosts, 32 chips; the config's mesh is fsdp 16 x tensor 2,
+# which `steppo plan` finds fits in 16 GiB a chip), from creation to teardown. The workers
+# download the checkpoint from the Hugging Face Hub and the HotpotQA train split from its
+# authors' site.
 #
 #   tpu_scripts/paper_hotpotqa_qwen2.5_3b.sh --dry-run          # print every command
-#   tpu_scripts/paper_hotpotqa_qwen2.5_3b.sh --zone europe-west4-a --accelerator v5p-16
+#   tpu_scripts/paper_hotpotqa_qwen2.5_3b.sh --zone us-east5-a --accelerator v5p-8 \
+#     -- mesh.fsdp=4 mesh.tensor=1 optim.micro_batch_rows=4     # also fits, see docs/tpu_gpu.md
 #   tpu_scripts/paper_hotpotqa_qwen2.5_3b.sh watch              # one stage (see tpu_run.sh)
 #
 # Any tpu_run.sh option or stage may follow and overrides these defaults; so do the environment
-# variables TPU_NAME, TPU_ACCELERATOR, CHECKPOINT and DATA.
+# variables TPU_NAME, TPU_ACCELERATOR, TPU_ZONE, CHECKPOINT and DATA.
 set -euo pipefail
 exec "$(dirname "${BASH_SOURCE[0]}")/tpu_run.sh" \
   --config configs/paper_hotpotqa_qwen2.5_3b.yaml \
   --name "${TPU_NAME:-steppo-hotpotqa-qwen25-3b}" \
-  --accelerator "${TPU_ACCELERATOR:-v4-32}" \
+  --accelerator "${TPU_ACCELERATOR:-v5litepod-32}" \
+  --zone "${TPU_ZONE:-us-west4-a}" \
   --checkpoint "${CHECKPOINT:-hf://Qwen/Qwen2.5-3B-Instruct}" \
   --data "${DATA:-http://curtis.ml.cmu.edu/datasets/hotpot/hotpot_train_v1.1.json}" \
   "$@"

@@ -38,7 +38,8 @@ Options (defaults in brackets; most also read an environment variable):
   --zone ZONE            [$TPU_ZONE or us-central2-b]
   --project PROJECT      [$TPU_PROJECT or gcloud's default]
   --accelerator TYPE     accelerator type, e.g. v4-8, v4-32, v5p-16 [$TPU_ACCELERATOR or v4-8]
-  --version VERSION      TPU VM runtime [$TPU_VERSION or tpu-ubuntu2204-base]
+  --version VERSION      TPU VM runtime [$TPU_VERSION or the accelerator's: v4 tpu-ubuntu2204-base,
+                         v5p v2-alpha-tpuv5, v5litepod v2-alpha-tpuv5-lite, v6e v2-alpha-tpuv6e]
   --spot                 create a spot (preemptible) TPU
   --repo URL             repository to clone on the workers [$STEPPO_REPO]
   --ref REF              branch, tag or commit to check out [$STEPPO_REF or main]
@@ -61,7 +62,7 @@ NAME="${TPU_NAME:-steppo-${USER:-user}}"
 ZONE="${TPU_ZONE:-us-central2-b}"
 PROJECT="${TPU_PROJECT:-}"
 ACCELERATOR="${TPU_ACCELERATOR:-v4-8}"
-VERSION="${TPU_VERSION:-tpu-ubuntu2204-base}"
+VERSION="${TPU_VERSION:-}"
 SPOT=0
 REPO="${STEPPO_REPO:-https://github.com/steppo-jax/steppo_jax.git}"
 REF="${STEPPO_REF:-main}"
@@ -108,6 +109,14 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 [[ -f "$ROOT/$CONFIG" ]] || die "no config '$CONFIG' in this repository (paths are relative to its root)"
 [[ -n "$NAME" ]] || die "--name is empty"
 ((${#STAGES[@]})) || STAGES=(create install mount copy launch watch fetch delete)
+if [[ -z "$VERSION" ]]; then  # the runtime each accelerator family boots
+  case "$ACCELERATOR" in
+    v5litepod-*|v5e-*) VERSION="v2-alpha-tpuv5-lite" ;;
+    v5p-*) VERSION="v2-alpha-tpuv5" ;;
+    v6e-*) VERSION="v2-alpha-tpuv6e" ;;
+    *) VERSION="tpu-ubuntu2204-base" ;;
+  esac
+fi
 RUN_DIR="${RUN_DIR:-runs/$NAME}"
 RESULTS="${RESULTS:-results/$NAME}"
 LOG="steppo_train.log"
