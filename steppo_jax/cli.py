@@ -23,9 +23,32 @@ from steppo_jax.train import distributed
 from steppo_jax.train.config import ConfigError, load_config
 
 
+DEFAULT_CONFIG = os.path.join("configs", "default.yaml")
+# Errors in what the user gave (config, files, checkpoints, batches from their environment):
+# one line and exit status 2. Anything else is a bug and keeps its traceback.
+USER_ERRORS = ("ConfigError", "PlanError", "CheckpointError", "BatchError", "UnknownEnvironmentError",
+               "DistributedError", "FileNotFoundError")
+
+
+def config_path(path: str | None) -> str:
+    """``--config``; without it ``configs/default.yaml`` in the working directory, else in the
+    clone the package is installed from, so ``steppo demo`` runs from any directory."""
+    if path is not None:
+        return path
+    for root in (os.getcwd(), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))):
+        if os.path.isfile(os.path.join(root, DEFAULT_CONFIG)):
+            return os.path.join(root, DEFAULT_CONFIG)
+    raise ConfigError(f"no --config given and no {DEFAULT_CONFIG} in {os.getcwd()} or beside the package")
+
+
 def _config(args):
     run_dir = [f"run_dir={args.run_dir}"] if getattr(args, "run_dir", None) else []
-    return load_config(args.config, [*args.overrides, *run_dir])
+    return load_config(config_path(args.config), [*args.overrides, *run_dir])
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` is one of ``USER_ERRORS`` (by class name: their modules load lazily)."""
+    return any(cls.__name__ in USER_ERRORS for cls in type(err).__mro__)
 
 
 def cmd_sft(args) -> dict:
@@ -162,34 +185,41 @@ def cmd_plan(args) -> dict:
 
 
 def main(argv=None) -> int:
+    debug = "show the traceback of user errors too (bad config, files, checkpoints)"
     parser = argparse.ArgumentParser(prog="steppo", description="Step-level RL (StepPO) for LLM agents, in JAX.")
+    parser.add_argument("--debug", action="store_true", help=debug)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[common])  # --debug after the command too
+
     def with_config(p):
-        p.add_argument("--config", default="configs/default.yaml", help="YAML config (default: %(default)s)")
+        p.add_argument("--config", help=f"YAML config (default: {DEFAULT_CONFIG}, here or in the clone)")
         p.add_argument("--run-dir", help="overrides run_dir")
         p.add_argument("overrides", nargs="*", help="field=value overrides, e.g. algo.estimator=grpo")
 
-    p = sub.add_parser("demo", help="StepPO from the shipped SFT warm start on the default, then evaluation "
-                                    "and plots (in runs/demo, overwritten)")
+    p = command("demo", help="StepPO from the shipped SFT warm start on the default, then evaluation "
+                             "and plots (in runs/demo, overwritten)")
     with_config(p)
     p.set_defaults(fn=cmd_demo, run_dir="runs/demo", distributed=True)
-    p = sub.add_parser("sft", help="behaviour cloning on expert trajectories")
+    p = command("sft", help="behaviour cloning on expert trajectories")
     with_config(p)
     p.set_defaults(fn=cmd_sft, distributed=True)
-    p = sub.add_parser("train", help="RL training (StepPO by default)")
+    p = command("train", help="RL training (StepPO by default)")
     with_config(p)
     p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
     p.set_defaults(fn=cmd_train, distributed=True)
-    p = sub.add_parser("eval", help="greedy success on held-out tasks of a trained run")
+    p = command("eval", help="greedy success on held-out tasks of a trained run")
     p.add_argument("--checkpoint", required=True, help="a run's checkpoints/ directory")
     p.set_defaults(fn=cmd_eval, distributed=True)
-    p = sub.add_parser("export", help="write the policy as a Hugging Face checkpoint")
+    p = command("export", help="write the policy as a Hugging Face checkpoint")
     p.add_argument("--checkpoint", required=True, help="a run's checkpoints/ directory")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(fn=cmd_export)
-    p = sub.add_parser("plan", help="does the config fit a topology? compiles its programs ahead of time, no "
-                                    "weights needed (exit 1 if not)")
+    p = command("plan", help="does the config fit a topology? compiles its programs ahead of time, no "
+                             "weights needed (exit 1 if not)")
     with_config(p)
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--topology", help="TPU slice, e.g. v5e-32, v5p-64, v4-32, v6e-8 (needs jax[tpu])")
@@ -206,14 +236,11 @@ def main(argv=None) -> int:
     except DoesNotFit as err:
         print(f"steppo {args.command}: {err}", file=sys.stderr)
         return 1
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except Exception as err:
+        if args.debug or not is_user_error(err):
+            raise
         print(f"steppo {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except Exception as err:  # CheckpointError and friends: a clear line, not a trace
-        if type(err).__name__ in ("CheckpointError", "BatchError", "UnknownEnvironmentError", "DistributedError"):
-            print(f"steppo {args.command}: error: {err}", file=sys.stderr)
-            return 2
-        raise
     return 0
 
 

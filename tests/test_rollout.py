@@ -1,6 +1,7 @@
 """The rollout loop: token exactness, step tensors, failures, the real sampler's log-probs."""
 
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -190,6 +191,56 @@ def test_history_window_rebuilds_prompts_as_step_rows(tok):
     packed = validate(step_rows_batch(records, 3))
     assert packed.batch_size == 1 and packed.traj_index.tolist() == [[0, 0, 1, 1]]
     assert packed.step_index.tolist() == [[0, 1, 0, 1]]
+
+
+class ChattyEnv:
+    """Answers step k with two messages (a tool result and a user nudge); ends after 4 steps."""
+
+    name, max_steps = "chatty", 6
+
+    def reset(self, task_id, seed):
+        self.k = 0
+        return Reset([{"role": "system", "content": "be brief"}, {"role": "user", "content": "go"}], [], "s0")
+
+    def step(self, action_text):
+        self.k += 1
+        done = self.k == 4
+        msgs = [] if done else [{"role": "tool", "content": f"o{self.k}"}, {"role": "user", "content": f"n{self.k}"}]
+        return StepResult(msgs, 1.0 if done else 0.0, done, False, f"s{self.k}", {"success": done})
+
+
+@pytest.mark.parametrize("window", [1, 2])
+def test_history_window_step_rows_hold_the_opening_and_the_last_exchanges(tok, window):
+    sampler = ScriptedSampler(tok, 1, lambda r, k: f"r{k}")
+    engine, _ = engine_with(tok, sampler, make_env=ChattyEnv, history_window=window)
+    (rec,) = engine.collect([(0, 0)], 1, jax.random.key(0))
+    assert rec.terminated and rec.num_steps == 4
+    rows = validate(step_rows_batch([rec], 4, pack=False))
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    opening = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "go"}]
+    for k in range(4):
+        history = []
+        for j in range(max(0, k - window), k):  # exchange j: reply j and the answer to it
+            history += [{"role": "assistant", "content": f"r{j}"}, {"role": "tool", "content": f"o{j + 1}"},
+                        {"role": "user", "content": f"n{j + 1}"}]
+        prompt = tok.encode(render(tok, opening + history, add_generation_prompt=True), add_special_tokens=False)
+        reply = tok.encode(f"r{k}", add_special_tokens=False) + [end]
+        expected = prompt + reply
+        assert rows.tokens[k, :len(expected)].tolist() == expected, k
+        assert not rows.tokens[k, len(expected):].any()
+        assert np.flatnonzero(rows.step_ids[k] == 0).tolist() == list(range(len(prompt), len(expected)))
+
+
+def test_history_window_is_wired_from_the_config():
+    from steppo_jax.train.config import ConfigError, load_config
+    from steppo_jax.train.runtime import Runtime
+
+    cfg = load_config(None, ["rollout.layout=step_rows", "rollout.history_window=2"])
+    assert Runtime.settings(types.SimpleNamespace(cfg=cfg)).history_window == 2
+    with pytest.raises(ConfigError, match="rollout.history_window.*step_rows"):
+        load_config(None, ["rollout.history_window=2"])
+    with pytest.raises(ConfigError, match="rollout.history_window.*>= 0"):
+        load_config(None, ["rollout.layout=step_rows", "rollout.history_window=-1"])
 
 
 def test_real_sampler_logprobs_match_the_trainer_forward(tok):

@@ -17,7 +17,7 @@ from steppo_jax.train.runtime import Runtime
 from steppo_jax.train.sft import run_sft
 from steppo_jax.train.state import build_models
 from steppo_jax.train.metrics import read_metrics
-from steppo_jax.types import validate
+from steppo_jax.types import BatchError, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 if "chain_test" not in registered():
@@ -143,6 +143,19 @@ def test_step_rows_layout_packs_steps_and_reports_the_packing(tmp_path):
     assert metrics["tokens/real"] == batch.seq_lens.sum()
     assert metrics["tokens/processed"] == batch.batch_size * batch.seq_len
     assert metrics["tokens/packing_efficiency"] == pytest.approx(metrics["tokens/real"] / metrics["tokens/processed"])
+
+    # every batch the trainer builds is validated: a step mask with a hole stops it, by name
+    layout = trainer.rt.layout
+
+    def holed(records, **kw):
+        batch = layout(records, **kw)
+        mask = np.array(batch.step_mask)
+        mask[:, 0] = False  # first steps dropped, later ones kept
+        return batch.replace(step_mask=mask)
+
+    trainer.rt.layout = holed
+    with pytest.raises(BatchError, match="step_mask"):
+        trainer.step()
 
 
 def test_environment_failures_are_counted_not_fatal(tmp_path):

@@ -120,7 +120,13 @@ class RolloutEngine:
             if rebuild:
                 for i in live:
                     new[i] = self._window_prompt(records[i], opening[i])
-                    records[i].contexts.append(new[i])
+                    if len(new[i]) + self.sampler.max_new_tokens > self.settings.max_context:
+                        records[i].truncated, records[i].live = True, False  # the window does not fit
+                    else:
+                        records[i].contexts.append(new[i])
+                live = [i for i in live if records[i].live]
+                if not live:
+                    break
             out = self.sampler.step([new[i] if records[i].live else None for i in range(B)], self.codec.stop_ids,
                                     jax.random.fold_in(key, k), reset=(k == 0 or rebuild))
             timings.sampler_s += time.perf_counter() - t0
@@ -160,7 +166,8 @@ class RolloutEngine:
         if step.done:
             return
         delta = self.codec.delta(step.messages, reply_closed=closed) if step.messages else []
-        if len(rec.tokens) + len(delta) + self.sampler.max_new_tokens > self.settings.max_context:
+        grows = self.settings.history_window is None  # else the next window is checked when built
+        if grows and len(rec.tokens) + len(delta) + self.sampler.max_new_tokens > self.settings.max_context:
             rec.truncated, rec.live = True, False  # the next step would not fit
             return
         # The observation is kept even after the last step: the bootstrap value of a
@@ -173,9 +180,14 @@ class RolloutEngine:
             rec.truncated, rec.live = not rec.terminated, False
 
     def _window_prompt(self, rec: TrajectoryRecord, opening: list[dict[str, Any]]) -> list[int]:
-        """The opening messages plus the last ``history_window`` exchanges, rendered afresh."""
+        """The opening messages plus the last ``history_window`` exchanges, rendered afresh.
+
+        An exchange is one assistant reply and the messages the environment answered it with
+        (any number of them), so the cut falls at an assistant message."""
         history = rec.messages[len(opening):]
-        cut = max(0, len(history) - 2 * self.settings.history_window)
+        replies = [j for j, m in enumerate(history) if m["role"] == "assistant"]
+        window = self.settings.history_window
+        cut = replies[-window] if 0 < window <= len(replies) else (0 if window else len(history))
         return self.codec.prompt(opening + history[cut:], rec.tools)
 
 

@@ -125,6 +125,10 @@ class RolloutSection:
     time, so their activations stay [rows, prefill_chunk, ...]."""
     layout: Literal["packed", "step_rows"] = "packed"
     """``packed``: one row per trajectory; ``step_rows``: one row per (trajectory, step)."""
+    history_window: int | None = None
+    """Rebuild each step's prompt from the opening messages and the last ``history_window``
+    exchanges (an assistant reply and the environment's answer), rendered afresh by the chat
+    template; null: the context grows by each reply and observation. Needs ``step_rows``."""
     pack_step_rows: bool = True
     """``step_rows`` layout: pack several short step rows into one row (first-fit decreasing,
     segment-aware attention) instead of one step per row; ignored by ``packed``."""
@@ -385,6 +389,9 @@ def _rules(cfg: Config):
            "must be smaller than rollout.max_context")
     yield ("rollout.layout", a.estimator == "token_gae" and r.layout != "packed",
            "must be 'packed' for algo.estimator 'token_gae' (its recursion runs across the steps of one row)")
+    yield ("rollout.history_window", r.history_window is not None and r.history_window < 0, "must be >= 0 or null")
+    yield ("rollout.history_window", r.history_window is not None and r.layout != "step_rows",
+           "needs rollout.layout 'step_rows' (a rebuilt prompt does not extend the previous step's row)")
     yield ("rollout.group_size", a.estimator in _GROUP_ESTIMATORS and r.group_size < 2,
            f"must be >= 2 for algo.estimator {a.estimator!r} (advantages are relative within a group)")
     yield ("optim.minibatches", o.minibatches > r.tasks_per_iter * r.group_size,

@@ -37,7 +37,7 @@ from steppo_jax.train.runtime import Runtime
 from steppo_jax.train.state import build_models, copy_tree, critic_from_policy, init_state, make_optimizer
 from steppo_jax.train.tasks import TaskBatches
 from steppo_jax.train.update import TrainBatch, assign_credit, make_update, score
-from steppo_jax.types import StepBatch
+from steppo_jax.types import StepBatch, validate
 
 
 def load_policy_params(path: str, like):
@@ -105,7 +105,7 @@ class Trainer:
         self.local_tasks = r.tasks_per_iter // processes  # per process, and so per sampler
         n_dev = self.rt.mesh.shape["data"] * self.rt.mesh.shape["fsdp"]
         if self.batch_size % (o.minibatches * n_dev):
-            raise ValueError(f"rollout.tasks_per_iter x rollout.group_size = {self.batch_size} trajectories must split "
+            raise ConfigError(f"rollout.tasks_per_iter x rollout.group_size = {self.batch_size} trajectories must split "
                              f"into optim.minibatches={o.minibatches} minibatches of a multiple of {n_dev} devices")
         if o.micro_batch_rows % n_dev:
             raise ConfigError(f"optim.micro_batch_rows={o.micro_batch_rows} must be a multiple of the {n_dev} devices "
@@ -171,6 +171,7 @@ class Trainer:
         rows, slots = distributed.max_over_processes((batch.batch_size, batch.num_slots))
         if (rows, slots) != (batch.batch_size, batch.num_slots):
             batch = self.rt.layout(records, seq_len=seq_len, num_rows=rows, num_slots=slots)
+        validate(batch)  # the step-tensor contract, on the host before anything is placed
         p = distributed.process_index()
         batch = batch.replace(group_ids=batch.group_ids + p * self.local_tasks)
         if not batch.packed:
@@ -261,7 +262,7 @@ class Trainer:
         cfg = self.cfg
         t_start = time.perf_counter()
         if not resume and self.ckpt.latest_step() is not None:
-            raise ValueError(f"{cfg.run_dir} already holds checkpoints of a run: continue it with --resume "
+            raise ConfigError(f"{cfg.run_dir} already holds checkpoints of a run: continue it with --resume "
                              "or choose another run_dir")
         resumed = resume and self.restore()
         if resume and not resumed:

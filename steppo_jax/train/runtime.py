@@ -95,12 +95,14 @@ class Runtime:
         options = {"max_steps": e.max_steps, "max_invalid_calls": e.max_invalid_calls, **e.options}
         try:  # fail early, naming the config field, on a bad name or option
             envs.make(e.name, **options)
-        except (KeyError, TypeError) as err:
+        except (KeyError, TypeError, ValueError) as err:
             raise ConfigError(f"env.name / env.options: {err.args[0] if err.args else err}") from None
         return lambda: envs.make(e.name, **options)
 
     def settings(self) -> RolloutSettings:
-        return RolloutSettings(max_steps=self.cfg.env.max_steps, max_context=self.cfg.rollout.max_context)
+        r = self.cfg.rollout
+        return RolloutSettings(max_steps=self.cfg.env.max_steps, max_context=r.max_context,
+                               history_window=r.history_window)
 
     def sampler(self, model, batch_size: int, *, greedy: bool = False, first_row: int = 0) -> Sampler:
         """A sampler on ``sample_mesh`` for rows [first_row, first_row + batch_size) of a batch."""

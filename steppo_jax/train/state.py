@@ -19,7 +19,7 @@ from steppo_jax import sharding
 from steppo_jax.estimators import get_estimator
 from steppo_jax.models import (Critic, Decoder, ModelConfig, ValueHead, create_sharded, load_hf_checkpoint,
                                read_hf_config)
-from steppo_jax.train.config import Config, OptimSection
+from steppo_jax.train.config import Config, ConfigError, OptimSection
 
 
 @struct.dataclass
@@ -56,7 +56,7 @@ def make_mesh(cfg: Config, devices: Sequence[Any] | None = None) -> jax.sharding
     data = m.data if m.data != -1 else n // (m.fsdp * m.tensor)
     size = data * m.fsdp * m.tensor
     if size > n or (m.data == -1 and size != n):
-        raise ValueError(f"mesh data={data} x fsdp={m.fsdp} x tensor={m.tensor} does not fit the {n} devices")
+        raise ConfigError(f"mesh data={data} x fsdp={m.fsdp} x tensor={m.tensor} does not fit the {n} devices")
     return sharding.make_mesh(data, m.fsdp, m.tensor, explicit=m.axis_types == "explicit",
                               devices=devices[:size])
 
@@ -65,7 +65,7 @@ def model_config(cfg: Config, vocab_size: int) -> ModelConfig:
     """The tiny model of ``cfg.model`` (source "tiny")."""
     m = cfg.model
     if m.d_model % m.n_heads:
-        raise ValueError(f"model.d_model={m.d_model} is not a multiple of model.n_heads={m.n_heads}")
+        raise ConfigError(f"model.d_model={m.d_model} is not a multiple of model.n_heads={m.n_heads}")
     return ModelConfig.tiny(vocab_size=vocab_size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
                             n_kv_heads=m.n_kv_heads, head_dim=m.d_model // m.n_heads, mlp_dim=m.d_ff,
                             **kernel_options(cfg))
@@ -97,7 +97,7 @@ def build_models(cfg: Config, vocab_size: int, mesh) -> tuple[Models, Any]:
         policy, mc = load_hf_checkpoint(cfg.model.hf_path, opts.pop("param_dtype"),
                                         compute_dtype=opts.pop("dtype"), mesh=mesh, **opts)
         if policy.config.vocab_size < vocab_size:
-            raise ValueError(f"the tokenizer has {vocab_size} tokens but the model only {policy.config.vocab_size}")
+            raise ConfigError(f"the tokenizer has {vocab_size} tokens but the model only {policy.config.vocab_size}")
     else:
         mc = model_config(cfg, vocab_size)
         policy = create_sharded(lambda: Decoder(mc, rngs=nnx.Rngs(cfg.seed)), mesh)
