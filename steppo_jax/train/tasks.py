@@ -1,30 +1,68 @@
-"""Which tasks each iteration trains on: a grain pipeline over task ids.
+"""Which tasks a run trains on and which it holds out, and the batch of each iteration.
 
-Training tasks are a seeded shuffle of ids [0, eval_seed); held-out evaluation tasks are
-ids from ``eval_seed`` on. Batch i of the pipeline is a pure function of (seed, i), so a
-resumed run picks up at exactly the batch it would have drawn.
+An environment whose tasks come from a finite source with its own held-out part declares its
+``task_split`` (hotpotqa: the records of a train file, then those of an eval file); every id of
+any other environment names a generated task, and the run trains on ids [0, env.train_tasks)
+and evaluates on the ids right after them. The two ranges are checked disjoint at start-up.
+
+Training batches are a grain pipeline over the training ids, reshuffled every epoch: batch i is
+a pure function of (seed, i), so a resumed run picks up at exactly the batch it would have drawn.
 """
 
 from __future__ import annotations
 
 import grain
-import numpy as np
+
+from steppo_jax.envs import Environment, TaskSplit
+from steppo_jax.train.config import ConfigError, EnvSection
+
+GENERATED_TRAIN_TASKS = 10_000
+"""Training ids of a generated environment when ``env.train_tasks`` is null."""
+
+
+def task_split(env_cfg: EnvSection, env: Environment) -> TaskSplit:
+    """The run's training ids and its ``env_cfg.eval_tasks`` held-out ids, for environment ``env``
+    (one instance built from the run's config); raises ``ConfigError`` naming the field to fix."""
+    own = getattr(type(env), "task_split", None) is not None
+    if own:
+        try:
+            split = env.task_split
+        except ValueError as err:
+            raise ConfigError(f"env.options: {err}") from None
+        if env_cfg.train_tasks is not None and env_cfg.train_tasks > len(split.train):
+            raise ConfigError(f"env.train_tasks={env_cfg.train_tasks} exceeds the {len(split.train)} training "
+                              f"tasks of environment {env.name!r}")
+        if env_cfg.eval_tasks > len(split.eval):
+            raise ConfigError(f"env.eval_tasks={env_cfg.eval_tasks} exceeds the {len(split.eval)} held-out "
+                              f"tasks of environment {env.name!r}")
+    else:
+        split = TaskSplit(train=range(GENERATED_TRAIN_TASKS), eval=range(0))
+    train = split.train
+    if env_cfg.train_tasks is not None:
+        train = range(train.start, train.start + env_cfg.train_tasks)
+    held_out = split.eval if own else range(train.stop, train.stop + env_cfg.eval_tasks)
+    return TaskSplit(train=train, eval=held_out[:env_cfg.eval_tasks])
 
 
 class TaskBatches:
-    """Batch ``i`` -> ``tasks_per_iter`` (task_id, seed) pairs (random access, resumable)."""
+    """Batch ``i`` -> ``tasks_per_iter`` (task_id, seed) pairs of ``train_ids`` (random access,
+    resumable). An epoch is ``len(train_ids) // tasks_per_iter`` batches of distinct ids, the
+    last partial batch dropped; each epoch has its own order."""
 
-    def __init__(self, num_train_tasks: int, tasks_per_iter: int, seed: int):
-        if num_train_tasks < tasks_per_iter:
-            raise ValueError(f"{num_train_tasks} training tasks cannot fill a batch of {tasks_per_iter}")
-        self.seed = seed
-        self._ds = grain.MapDataset.range(num_train_tasks).shuffle(seed=seed).batch(tasks_per_iter, drop_remainder=True)
+    def __init__(self, train_ids: range, tasks_per_iter: int, seed: int):
+        if len(train_ids) < tasks_per_iter:
+            raise ValueError(f"{len(train_ids)} training tasks cannot fill a batch of {tasks_per_iter}")
+        self.seed, self.tasks_per_iter = seed, tasks_per_iter
+        self.batches_per_epoch = len(train_ids) // tasks_per_iter
+        # index e * len + j of a shuffled MapDataset is position j of epoch e's own permutation
+        self._ids = grain.MapDataset.range(train_ids.start, train_ids.stop).shuffle(seed=seed)
 
     def __call__(self, i: int) -> list[tuple[int, int]]:
-        ids = np.asarray(self._ds[i % len(self._ds)])
-        return [(int(t), self.seed) for t in ids]
+        epoch, batch = divmod(i, self.batches_per_epoch)
+        first = epoch * len(self._ids) + batch * self.tasks_per_iter
+        return [(int(self._ids[first + k]), self.seed) for k in range(self.tasks_per_iter)]
 
 
-def eval_tasks(first_id: int, count: int, seed: int) -> list[tuple[int, int]]:
-    """The held-out tasks: ids first_id .. first_id + count - 1."""
-    return [(first_id + i, seed) for i in range(count)]
+def eval_tasks(split: TaskSplit, seed: int) -> list[tuple[int, int]]:
+    """The held-out (task_id, seed) pairs of ``split``."""
+    return [(t, seed) for t in split.eval]
