@@ -107,3 +107,21 @@ def write_hotpotqa_corpus(sources, out_path: str) -> int:
                     seen.add(key)
                     f.write(json.dumps({"title": key[0], "text": key[1]}, ensure_ascii=False) + "\n")
     return len(seen)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m steppo_jax.envs.corpus OUT.jsonl HOTPOTQA_FILE...``: writes the corpus of the
+    files' context paragraphs (``write_hotpotqa_corpus``)."""
+    import sys
+
+    from steppo_jax.envs.hotpotqa import load_examples
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) < 2:
+        raise SystemExit("usage: python -m steppo_jax.envs.corpus OUT.jsonl HOTPOTQA_FILE...")
+    count = write_hotpotqa_corpus([e for path in args[1:] for e in load_examples(path)], args[0])
+    print(f"wrote {count} passages to {args[0]}")
+
+
+if __name__ == "__main__":
+    main()
