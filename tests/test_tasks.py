@@ -5,7 +5,7 @@ import pytest
 from steppo_jax.envs import TaskSplit, make
 from steppo_jax.train.config import ConfigError, load_config
 from steppo_jax.train.rl import Trainer
-from steppo_jax.train.tasks import TaskBatches, task_split
+from steppo_jax.train.tasks import TaskBatches, demo_tasks, task_split
 from tests.test_envs_hotpotqa import synthetic_records, write_json
 
 TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1", "model.d_ff=64",
@@ -77,3 +77,15 @@ def test_overlapping_or_too_small_splits_are_clear_errors(tmp_path):
         task_split(cfg.env, make("hotpotqa", path=train_file))
     with pytest.raises(ConfigError, match=r"env.train_tasks = 2 must be >= rollout.tasks_per_iter \(4\)"):
         load_config(None, ["env.train_tasks=2", "rollout.tasks_per_iter=4"])
+
+
+def test_sft_demonstrations_are_never_held_out(tmp_path):
+    cfg = load_config(None, ["env.eval_tasks=8"])
+    calculator = make("calculator")
+    assert demo_tasks(cfg.env, calculator, 1_000_000, 3) == [1_000_000, 1_000_001, 1_000_002]
+    with pytest.raises(ConfigError, match=r"sft.seed_offset=9998: demonstration ids 9998..10001 include held-out"):
+        demo_tasks(cfg.env, calculator, 9_998, 4)
+    train_file = write_json(tmp_path / "train.json", synthetic_records(10))
+    dev_file = write_json(tmp_path / "dev.json", synthetic_records(8, seed=1, first=10))
+    hotpotqa = make("hotpotqa", path=train_file, eval_path=dev_file)
+    assert demo_tasks(cfg.env, hotpotqa, 1_000_000, 12) == list(range(10)) + [0, 1]  # training ids only

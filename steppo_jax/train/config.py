@@ -241,7 +241,8 @@ class SFTSection:
     (``mistake_action``, e.g. answering multihop_qa after the first hop) where it has one: a
     systematic error of the cloned policy that RL has to fix."""
     seed_offset: int = 1_000_000
-    """Demonstration task ids start here, away from training and evaluation ids."""
+    """Demonstration task ids start here, away from training ids and never on held-out ones (an
+    environment with its own split, e.g. hotpotqa: its training ids from this position on)."""
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,14 @@ GENERATED_TRAIN_TASKS = 10_000
 """Training ids of a generated environment when ``env.train_tasks`` is null."""
 
 
+def _has_own_split(env: Environment) -> bool:
+    return getattr(type(env), "task_split", None) is not None
+
+
 def task_split(env_cfg: EnvSection, env: Environment) -> TaskSplit:
     """The run's training ids and its ``env_cfg.eval_tasks`` held-out ids, for environment ``env``
     (one instance built from the run's config); raises ``ConfigError`` naming the field to fix."""
-    own = getattr(type(env), "task_split", None) is not None
+    own = _has_own_split(env)
     if own:
         try:
             split = env.task_split
@@ -42,6 +46,19 @@ def task_split(env_cfg: EnvSection, env: Environment) -> TaskSplit:
         train = range(train.start, train.start + env_cfg.train_tasks)
     held_out = split.eval if own else range(train.stop, train.stop + env_cfg.eval_tasks)
     return TaskSplit(train=train, eval=held_out[:env_cfg.eval_tasks])
+
+
+def demo_tasks(env_cfg: EnvSection, env: Environment, first: int, count: int) -> list[int]:
+    """Task ids of ``count`` SFT demonstrations, never held-out ones: ids ``first, first + 1, ...``
+    of a generated environment, or training ids from position ``first`` on (wrapping around) of
+    an environment with its own split, whose ids past its source name no task."""
+    split = task_split(env_cfg, env)
+    if _has_own_split(env):
+        return [split.train[(first + k) % len(split.train)] for k in range(count)]
+    if first < split.eval.stop and split.eval.start < first + count:
+        raise ConfigError(f"sft.seed_offset={first}: demonstration ids {first}..{first + count - 1} include "
+                          f"held-out ids {split.eval.start}..{split.eval.stop - 1}")
+    return list(range(first, first + count))
 
 
 class TaskBatches:
