@@ -8,14 +8,15 @@ splits, retrieved densely with BGE; here BM25 -- see ``steppo_jax.envs.corpus``)
 
 Questions: ``path`` holds the training questions, ``eval_path`` (another file) the held-out
 ones; task ids [0, n_train) are ``path``'s records, [n_train, n_train + n_eval) ``eval_path``'s
-(``task_split``). A question in both files is an error. Reads the original format — a JSON list of records with ``_id``, ``question``, ``answer``,
+(``task_split``; the seed does not change a task). A question in both files is an error.
+
+Reads the original format — a JSON list of records with ``_id``, ``question``, ``answer``,
 ``context`` (a list of ``[title, [sentences]]``) and ``supporting_facts`` (a list of
 ``[title, sentence_index]``) — from ``.json`` or ``.jsonl``, and the Hugging Face layout
 (``id``; ``context = {"title": [...], "sentences": [[...]]}``; ``supporting_facts =
-{"title": [...], "sent_id": [...]}``) from ``.parquet`` (needs ``pyarrow``) or JSON. Task
-``task_id`` names the record (the seed does not change it). ``answer`` ends
-the episode: reward = exact match after SQuAD normalisation, F1 reported. The expert searches
-each supporting paragraph's title, then answers the gold answer.
+{"title": [...], "sent_id": [...]}``) from ``.parquet`` (needs ``pyarrow``) or JSON.
+``answer`` ends the episode: reward = exact match after SQuAD normalisation, F1 reported. The
+expert searches each supporting paragraph's title, then answers the gold answer.
 """
 
 from __future__ import annotations
@@ -150,7 +151,6 @@ class HotpotQAEnv(ToolEnv):
         if eval_path is not None:
             self.eval_examples = load_examples(eval_path)
             _check_disjoint(_file_key(path), _file_key(eval_path))
-        self.examples = self.train_examples + self.eval_examples
         self.corpus: Corpus | None = load_corpus(corpus) if corpus is not None else None
         self.top_k = top_k
         self.example: Example | None = None
@@ -161,7 +161,7 @@ class HotpotQAEnv(ToolEnv):
 
     @property
     def num_tasks(self) -> int:
-        return len(self.examples)
+        return len(self.train_examples) + len(self.eval_examples)
 
     @property
     def task_split(self) -> TaskSplit:
@@ -173,10 +173,11 @@ class HotpotQAEnv(ToolEnv):
         return TaskSplit(train=range(n), eval=range(n, n + len(self.eval_examples)))
 
     def _new_task(self, task_id: int, seed: int) -> Reset:
-        if not 0 <= task_id < len(self.examples):
+        if not 0 <= task_id < self.num_tasks:
             raise IndexError(f"task_id {task_id} out of range: the files have "
-                             f"{len(self.examples)} records")
-        self.example = self.examples[task_id]
+                             f"{self.num_tasks} records")
+        n = len(self.train_examples)
+        self.example = self.train_examples[task_id] if task_id < n else self.eval_examples[task_id - n]
         if self.corpus is not None:
             self._passages, self._index = self.corpus.passages, self.corpus.index
         else:
