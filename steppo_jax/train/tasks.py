@@ -27,25 +27,21 @@ def _has_own_split(env: Environment) -> bool:
 def task_split(env_cfg: EnvSection, env: Environment) -> TaskSplit:
     """The run's training ids and its ``env_cfg.eval_tasks`` held-out ids, for environment ``env``
     (one instance built from the run's config); raises ``ConfigError`` naming the field to fix."""
-    own = _has_own_split(env)
-    if own:
-        try:
-            split = env.task_split
-        except ValueError as err:
-            raise ConfigError(f"env.options: {err}") from None
-        if env_cfg.train_tasks is not None and env_cfg.train_tasks > len(split.train):
-            raise ConfigError(f"env.train_tasks={env_cfg.train_tasks} exceeds the {len(split.train)} training "
-                              f"tasks of environment {env.name!r}")
-        if env_cfg.eval_tasks > len(split.eval):
-            raise ConfigError(f"env.eval_tasks={env_cfg.eval_tasks} exceeds the {len(split.eval)} held-out "
-                              f"tasks of environment {env.name!r}")
-    else:
-        split = TaskSplit(train=range(GENERATED_TRAIN_TASKS), eval=range(0))
-    train = split.train
-    if env_cfg.train_tasks is not None:
-        train = range(train.start, train.start + env_cfg.train_tasks)
-    held_out = split.eval if own else range(train.stop, train.stop + env_cfg.eval_tasks)
-    return TaskSplit(train=train, eval=held_out[:env_cfg.eval_tasks])
+    if not _has_own_split(env):
+        train = range(GENERATED_TRAIN_TASKS if env_cfg.train_tasks is None else env_cfg.train_tasks)
+        return TaskSplit(train=train, eval=range(train.stop, train.stop + env_cfg.eval_tasks))
+    try:
+        split = env.task_split
+    except ValueError as err:
+        raise ConfigError(f"env.options: {err}") from None
+    if env_cfg.train_tasks is not None and env_cfg.train_tasks > len(split.train):
+        raise ConfigError(f"env.train_tasks={env_cfg.train_tasks} exceeds the {len(split.train)} training "
+                          f"tasks of environment {env.name!r}")
+    if env_cfg.eval_tasks > len(split.eval):
+        raise ConfigError(f"env.eval_tasks={env_cfg.eval_tasks} exceeds the {len(split.eval)} held-out "
+                          f"tasks of environment {env.name!r}")
+    train = split.train if env_cfg.train_tasks is None else split.train[:env_cfg.train_tasks]
+    return TaskSplit(train=train, eval=split.eval[:env_cfg.eval_tasks])
 
 
 def demo_tasks(env_cfg: EnvSection, env: Environment, first: int, count: int) -> list[int]:
