@@ -167,13 +167,14 @@ def test_a_question_in_both_files_or_no_eval_file_is_an_error(tmp_path):
 @pytest.fixture(scope="module")
 def corpus_setup(tmp_path_factory):
     """Train and dev files and the corpus of all their paragraphs plus unrelated filler."""
-    from steppo_jax.envs.corpus import write_hotpotqa_corpus
+    from steppo_jax.envs.corpus import main
 
     root = tmp_path_factory.mktemp("corpus")
     train = write_json(root / "train.json", synthetic_records(60))
     dev = write_json(root / "dev.json", synthetic_records(20, seed=1, first=60))
     corpus = root / "corpus.jsonl"
-    count = write_hotpotqa_corpus(load_examples(train) + load_examples(dev), str(corpus))
+    main([str(corpus), train, dev])  # python -m steppo_jax.envs.corpus corpus.jsonl train.json dev.json
+    count = len(corpus.read_text().splitlines())
     with corpus.open("a") as f:
         for i in range(200):
             f.write(json.dumps({"title": f"Filler {i}", "text": f"{random.Random(i).choice(WORDS)} "

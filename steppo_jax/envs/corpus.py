@@ -15,6 +15,7 @@ import functools
 import json
 import os
 import shutil
+import sys
 import tempfile
 import threading
 
@@ -112,9 +113,7 @@ def write_hotpotqa_corpus(sources, out_path: str) -> int:
 def main(argv: list[str] | None = None) -> None:
     """``python -m steppo_jax.envs.corpus OUT.jsonl HOTPOTQA_FILE...``: writes the corpus of the
     files' context paragraphs (``write_hotpotqa_corpus``)."""
-    import sys
-
-    from steppo_jax.envs.hotpotqa import load_examples
+    from steppo_jax.envs.hotpotqa import load_examples  # here: hotpotqa imports this module
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) < 2:
