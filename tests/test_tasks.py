@@ -9,8 +9,8 @@ from steppo_jax.train.tasks import TaskBatches, demo_tasks, task_split
 from tests.test_envs_hotpotqa import synthetic_records, write_json
 
 TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1", "model.d_ff=64",
-        "model.warm_start=null", "model.critic=shared", "rollout.group_size=1", "rollout.tasks_per_iter=4", "optim.minibatches=1",
-        "rollout.max_context=256", "env.eval_tasks=8"]
+        "model.warm_start=null", "model.critic=shared", "rollout.group_size=1", "rollout.tasks_per_iter=4",
+        "optim.minibatches=1", "rollout.max_context=256", "env.eval_tasks=8"]
 
 
 def trainer_tasks(cfg, iterations):
