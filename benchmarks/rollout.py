@@ -27,7 +27,7 @@ from steppo_jax.train.config import load_config
 from steppo_jax.train.rl import load_policy_params
 from steppo_jax.train.runtime import Runtime
 from steppo_jax.train.state import build_models
-from steppo_jax.train.tasks import TaskBatches
+from steppo_jax.train.tasks import TaskBatches, task_split
 
 
 def main():
@@ -44,7 +44,7 @@ def main():
     B = cfg.rollout.tasks_per_iter * cfg.rollout.group_size
     sampler = rt.sampler(nnx.merge(models.policy_def, params["policy"]), B)
     engine = rt.engine(sampler)
-    tasks = TaskBatches(cfg.env.eval_seed, cfg.rollout.tasks_per_iter, cfg.seed)
+    tasks = TaskBatches(task_split(cfg.env, rt.env_factory()()).train, cfg.rollout.tasks_per_iter, cfg.seed)
     engine.collect(tasks(0), cfg.rollout.group_size, jax.random.key(0))  # compile
     timings, records, wall = RolloutTimings(), [], 0.0
     for i in range(1, args.batches + 1):

@@ -194,7 +194,12 @@ def test_env_options_of_shipped_configs_are_accepted(path, tmp_path):
                   "context": [["Velmor", ["Velmor was founded by Arden."]]],
                   "supporting_facts": [["Velmor", 0]]}
         (tmp_path / "hotpot.json").write_text(json.dumps([record]))
-        cfg = load_config(path, [f"env.options.path={tmp_path / 'hotpot.json'}"])
+        (tmp_path / "dev.json").write_text(json.dumps([record | {"_id": "q1", "question": "Who?"}]))
+        (tmp_path / "corpus.jsonl").write_text(json.dumps({"title": "Velmor", "text": "Founded by Arden."}))
+        stand_ins = [f"env.options.path={tmp_path / 'hotpot.json'}", f"env.options.eval_path={tmp_path / 'dev.json'}"]
+        if "corpus" in cfg.env.options:
+            stand_ins.append(f"env.options.corpus={tmp_path / 'corpus.jsonl'}")
+        cfg = load_config(path, stand_ins)
     if cfg.env.name == "textworld":
         pytest.importorskip("textworld")
     make(cfg.env.name, **cfg.env.options, max_steps=cfg.env.max_steps,

@@ -59,6 +59,27 @@ class StepResult:
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+@dataclasses.dataclass(frozen=True)
+class TaskSplit:
+    """Which task ids are trained on and which are held out: disjoint ranges of one id space.
+
+    train: ids training draws from (the whole training source where it is finite).
+    eval: held-out ids for evaluation; none of them is in ``train``.
+    """
+
+    train: range
+    eval: range
+
+    def __post_init__(self):
+        for name, ids in (("train", self.train), ("eval", self.eval)):
+            if ids.step != 1 or ids.start < 0:
+                raise ValueError(f"TaskSplit.{name} must be a range of non-negative ids with step 1, got {ids}")
+        lo, hi = max(self.train.start, self.eval.start), min(self.train.stop, self.eval.stop)
+        if lo < hi:
+            raise ValueError(f"training ids {self.train.start}..{self.train.stop - 1} and held-out ids "
+                             f"{self.eval.start}..{self.eval.stop - 1} overlap in {lo}..{hi - 1}")
+
+
 @runtime_checkable
 class Environment(Protocol):
     """One episode at a time; a rollout creates one instance per concurrent trajectory."""
@@ -74,6 +95,9 @@ class Environment(Protocol):
         """A reply (reasoning + tool call) that makes progress from the current state."""
         ...
 
+    # Optional: ``task_split -> TaskSplit`` (a property), for an environment whose tasks come
+    # from a finite source with its own held-out part (hotpotqa: a train file and an eval
+    # file). Without it, every id names a generated task and the trainer splits the ids itself.
     # Optional: ``mistake_action() -> str | None``, the environment's characteristic wrong
     # reply from the current state (None where it has none). SFT demonstrations mix it in
     # (``sft.mistake``) so the cloned policy has a systematic error that RL must fix.

@@ -1,13 +1,22 @@
-"""HotpotQA from a local file: BM25 ``search`` over each question's context paragraphs.
+"""HotpotQA from local files: BM25 ``search``, then ``answer``.
+
+Two retrieval modes. Distractor (the default): ``search`` ranks the question's own context
+paragraphs (2 supporting, 8 distractors). Corpus (option ``corpus``, a JSONL file of
+``{"title", "text"}`` passages): ``search`` ranks one shared corpus, as in the StepPO paper's
+recipe (there: the 509k de-duplicated context paragraphs of HotpotQA's train and validation
+splits, retrieved densely with BGE; here BM25 -- see ``steppo_jax.envs.corpus``).
+
+Questions: ``path`` holds the training questions, ``eval_path`` (another file) the held-out
+ones; task ids [0, n_train) are ``path``'s records, [n_train, n_train + n_eval) ``eval_path``'s
+(``task_split``; the seed does not change a task). A question in both files is an error.
 
 Reads the original format — a JSON list of records with ``_id``, ``question``, ``answer``,
 ``context`` (a list of ``[title, [sentences]]``) and ``supporting_facts`` (a list of
 ``[title, sentence_index]``) — from ``.json`` or ``.jsonl``, and the Hugging Face layout
 (``id``; ``context = {"title": [...], "sentences": [[...]]}``; ``supporting_facts =
-{"title": [...], "sent_id": [...]}``) from ``.parquet`` (needs ``pyarrow``) or JSON. Task
-``task_id`` is record ``task_id`` of the file (the seed does not change it). ``answer`` ends
-the episode: reward = exact match after SQuAD normalisation, F1 reported. The expert searches
-each supporting paragraph's title, then answers the gold answer.
+{"title": [...], "sent_id": [...]}``) from ``.parquet`` (needs ``pyarrow``) or JSON.
+``answer`` ends the episode: reward = exact match after SQuAD normalisation, F1 reported. The
+expert searches each supporting paragraph's title, then answers the gold answer.
 """
 
 from __future__ import annotations
@@ -17,7 +26,8 @@ import functools
 import json
 import os
 
-from steppo_jax.envs.base import Reset
+from steppo_jax.envs.base import Reset, TaskSplit
+from steppo_jax.envs.corpus import Corpus, load_corpus
 from steppo_jax.envs.qa_metrics import exact_match, f1_score
 from steppo_jax.envs.retrieval import BM25Index
 from steppo_jax.envs.tools import ToolCall, ToolEnv, ToolOutcome, format_tool_call, tool_schema
@@ -91,33 +101,57 @@ def _load(path: str, mtime: float, size: int) -> tuple[Example, ...]:
     return tuple(_normalise(r, f"{path} record {i}") for i, r in enumerate(records))
 
 
-def load_examples(path: str) -> tuple[Example, ...]:
-    """The examples of a HotpotQA file (cached while the file is unchanged)."""
+def _file_key(path: str) -> tuple[str, float, int]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"HotpotQA file not found: {path!r}")
     stat = os.stat(path)
-    return _load(os.path.abspath(path), stat.st_mtime, stat.st_size)
+    return os.path.abspath(path), stat.st_mtime, stat.st_size
+
+
+def load_examples(path: str) -> tuple[Example, ...]:
+    """The examples of a HotpotQA file (cached while the file is unchanged)."""
+    return _load(*_file_key(path))
+
+
+@functools.lru_cache(maxsize=8)
+def _check_disjoint(train_key: tuple, eval_key: tuple) -> None:
+    """Raises if a question of the held-out file (by id or by text) is in the training file."""
+    train, held_out = _load(*train_key), _load(*eval_key)
+    ids, questions = {e.id for e in train if e.id}, {e.question.strip() for e in train}
+    shared = [e for e in held_out if (e.id and e.id in ids) or e.question.strip() in questions]
+    if shared:
+        raise ValueError(f"hotpotqa: {len(shared)} of the {len(held_out)} questions of eval_path "
+                         f"{eval_key[0]!r} are also in path {train_key[0]!r} (e.g. "
+                         f"{shared[0].question!r}); held-out questions must not be trained on")
 
 
 class HotpotQAEnv(ToolEnv):
-    """HotpotQA with ``search`` over the question's context and an ``answer`` tool.
+    """HotpotQA with a ``search`` tool (distractor or corpus retrieval) and an ``answer`` tool.
 
-    Options: path (JSON/JSONL/parquet file, required), top_k (paragraphs per search),
-    max_steps, plus the ``ToolEnv`` options; a final answer without a tool call
-    (``allow_final_answer``) is the reply's last line. ``num_tasks`` is the number of records.
+    Options: path (training questions: JSON/JSONL/parquet, required), eval_path (held-out
+    questions, a separate file; required for training), corpus (JSONL passages: corpus mode;
+    None: distractor mode), top_k (passages per search), max_steps, plus the ``ToolEnv``
+    options; a final answer without a tool call (``allow_final_answer``) is the reply's last
+    line. ``num_tasks`` is the number of records of both files.
     """
 
     name = "hotpotqa"
 
-    def __init__(self, *, path: str, top_k: int = 2, max_steps: int = 6,
-                 invalid_penalty: float = 0.1, max_invalid_calls: int = 3,
-                 max_reply_chars: int = 4000, allow_final_answer: bool = False):
+    def __init__(self, *, path: str, eval_path: str | None = None, corpus: str | None = None,
+                 top_k: int = 2, max_steps: int = 6, invalid_penalty: float = 0.1,
+                 max_invalid_calls: int = 3, max_reply_chars: int = 4000,
+                 allow_final_answer: bool = False):
         super().__init__(max_steps=max_steps, invalid_penalty=invalid_penalty,
                          max_invalid_calls=max_invalid_calls, max_reply_chars=max_reply_chars,
                          allow_final_answer=allow_final_answer)
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
-        self.examples = load_examples(path)
+        self.train_examples = load_examples(path)
+        self.eval_examples: tuple[Example, ...] = ()
+        if eval_path is not None:
+            self.eval_examples = load_examples(eval_path)
+            _check_disjoint(_file_key(path), _file_key(eval_path))
+        self.corpus: Corpus | None = load_corpus(corpus) if corpus is not None else None
         self.top_k = top_k
         self.example: Example | None = None
         self._passages: list[str] = []
@@ -127,16 +161,29 @@ class HotpotQAEnv(ToolEnv):
 
     @property
     def num_tasks(self) -> int:
-        return len(self.examples)
+        return len(self.train_examples) + len(self.eval_examples)
+
+    @property
+    def task_split(self) -> TaskSplit:
+        """Training ids: every record of ``path``; held-out ids: every record of ``eval_path``."""
+        if not self.eval_examples:
+            raise ValueError("hotpotqa has no held-out questions: set env.options.eval_path to a "
+                             "file of questions separate from env.options.path (e.g. the dev set)")
+        n = len(self.train_examples)
+        return TaskSplit(train=range(n), eval=range(n, n + len(self.eval_examples)))
 
     def _new_task(self, task_id: int, seed: int) -> Reset:
-        if not 0 <= task_id < len(self.examples):
-            raise IndexError(f"task_id {task_id} out of range: the file has "
-                             f"{len(self.examples)} records")
-        self.example = self.examples[task_id]
-        self._passages = [f"{title}: {' '.join(sentences)}"
-                          for title, sentences in self.example.paragraphs]
-        self._index = BM25Index(self._passages)
+        if not 0 <= task_id < self.num_tasks:
+            raise IndexError(f"task_id {task_id} out of range: the files have "
+                             f"{self.num_tasks} records")
+        n = len(self.train_examples)
+        self.example = self.train_examples[task_id] if task_id < n else self.eval_examples[task_id - n]
+        if self.corpus is not None:
+            self._passages, self._index = self.corpus.passages, self.corpus.index
+        else:
+            self._passages = [f"{title}: {' '.join(sentences)}"
+                              for title, sentences in self.example.paragraphs]
+            self._index = BM25Index(self._passages)
         self._seen, self._queries = set(), set()
         messages = [{"role": "system", "content": SYSTEM_PROMPT},
                     {"role": "user", "content": self.example.question}]

@@ -93,9 +93,12 @@ class EnvSection:
     max_steps: int = 4
     """Steps per episode before truncation (S of the step tensors)."""
     eval_tasks: int = 64
-    """Held-out tasks per evaluation."""
-    eval_seed: int = 10_000
-    """First held-out task id; training tasks use ids below it."""
+    """Held-out tasks per evaluation: the first ``eval_tasks`` ids of the held-out split."""
+    train_tasks: int | None = None
+    """Distinct training tasks: ids ``0 .. train_tasks - 1``. null = the environment's whole
+    training split where its tasks come from a finite source (hotpotqa: every question of
+    ``env.options.path``, held out: ``env.options.eval_path``), else 10,000 generated tasks.
+    A generated environment's held-out tasks are the ids right after the training ids."""
     step_timeout_s: float = 10.0
     """Seconds one environment step may take before it counts as a failure."""
     max_invalid_calls: int = 3
@@ -242,7 +245,8 @@ class SFTSection:
     (``mistake_action``, e.g. answering multihop_qa after the first hop) where it has one: a
     systematic error of the cloned policy that RL has to fix."""
     seed_offset: int = 1_000_000
-    """Demonstration task ids start here, away from training and evaluation ids."""
+    """Demonstration task ids start here, away from training ids and never on held-out ones (an
+    environment with its own split, e.g. hotpotqa: its training ids from this position on)."""
 
 
 @dataclass(frozen=True)
@@ -353,7 +357,7 @@ _AT_LEAST_ONE = (
     "sft.batch_size", "sft.num_demos", "mesh.fsdp", "mesh.tensor",
 )
 _NON_NEGATIVE = (
-    "seed", "env.eval_seed", "env.max_invalid_calls", "rollout.top_k", "algo.step_weight",
+    "seed", "env.max_invalid_calls", "rollout.top_k", "algo.step_weight",
     "algo.value_coef", "algo.entropy_coef", "algo.kl_coef", "optim.warmup_steps", "optim.micro_batch_rows",
     "optim.weight_decay", "train.iterations", "sft.steps", "sft.seed_offset",
 )
@@ -381,6 +385,8 @@ def _rules(cfg: Config):
     yield "optim.b2", not 0 <= o.b2 < 1, "must be in [0, 1)"
     yield "algo.dual_clip", a.dual_clip is not None and a.dual_clip <= 1, "must be > 1 or null"
     yield "algo.value_clip", a.value_clip is not None and a.value_clip <= 0, "must be > 0 or null"
+    yield ("env.train_tasks", cfg.env.train_tasks is not None and cfg.env.train_tasks < r.tasks_per_iter,
+           f"must be >= rollout.tasks_per_iter ({r.tasks_per_iter}): one iteration draws that many distinct tasks")
     yield "mesh.data", cfg.mesh.data == 0 or cfg.mesh.data < -1, "must be >= 1, or -1 for all remaining devices"
     yield "model.hf_path", m.source == "hf" and not m.hf_path, "is required when model.source is 'hf'"
     yield "model.n_heads", m.source == "tiny" and m.d_model % m.n_heads != 0, "must divide model.d_model"

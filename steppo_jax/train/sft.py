@@ -21,11 +21,12 @@ from steppo_jax.rollout.scripted import NoisyExpert, ScriptedSampler
 from steppo_jax.train.metrics import progress
 from steppo_jax.train.runtime import Runtime
 from steppo_jax.train.state import Models
+from steppo_jax.train.tasks import demo_tasks
 
 
-def collect_demos(runtime: Runtime, num: int, *, noise: float, first_task: int, mistake: float = 0.0,
+def collect_demos(runtime: Runtime, task_ids: list[int], *, noise: float, mistake: float = 0.0,
                   batch: int = 64) -> list[TrajectoryRecord]:
-    """``num`` demonstrations of tasks first_task, first_task + 1, ... (failed ones dropped)."""
+    """Demonstrations of tasks ``task_ids`` (failed ones dropped)."""
     cfg = runtime.cfg
     records: list[TrajectoryRecord] = []
     envs: list = []
@@ -35,13 +36,14 @@ def collect_demos(runtime: Runtime, num: int, *, noise: float, first_task: int, 
         envs.append(make())
         return envs[-1]
 
-    for start in range(first_task, first_task + num, batch):
+    for start in range(0, len(task_ids), batch):
         envs.clear()
-        n = min(batch, first_task + num - start)
-        sampler = ScriptedSampler(runtime.tokenizer, n, NoisyExpert(envs, noise, seed=cfg.seed + start, mistake=mistake),
+        chunk = task_ids[start:start + batch]
+        sampler = ScriptedSampler(runtime.tokenizer, len(chunk),
+                                  NoisyExpert(envs, noise, seed=cfg.seed + chunk[0], mistake=mistake),
                                   max_new_tokens=cfg.rollout.max_new_tokens)
         engine = runtime.engine(sampler, factory)
-        records += engine.collect([(t, cfg.seed) for t in range(start, start + n)], 1, jax.random.key(0))
+        records += engine.collect([(t, cfg.seed) for t in chunk], 1, jax.random.key(0))
     return [r for r in records if r.failed is None and r.num_steps > 0]
 
 
@@ -62,7 +64,8 @@ def _run_sft(runtime: Runtime, models: Models, policy_params, log):
     cfg = runtime.cfg
     s = cfg.sft
     t0 = time.perf_counter()
-    demos = collect_demos(runtime, s.num_demos, noise=s.noise, mistake=s.mistake, first_task=s.seed_offset)
+    tasks = demo_tasks(cfg.env, runtime.env_factory()(), s.seed_offset, s.num_demos)
+    demos = collect_demos(runtime, tasks, noise=s.noise, mistake=s.mistake)
     if not demos:
         raise RuntimeError("SFT collected no usable demonstrations (every episode failed)")
     longest = max(len(r.tokens) for r in demos)
