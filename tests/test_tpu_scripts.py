@@ -89,7 +89,7 @@ def tpu_stage(cmd: list[str]) -> str:
         return "copy" if "--worker=all" in cmd else "fetch"
     text = remote(cmd)
     for stage, markers in (("install", ["git clone"]), ("mount", ["gcsfuse"]), ("launch", ["steppo train"]),
-                           ("watch", ["tail -n +1"]), ("copy", ["hf download", "curl ", "gcloud storage", "mkdir -p"])):
+                           ("watch", ["tail -n +1"]), ("copy", ["hf download", "curl ", "gcloud storage", "mkdir -p", "steppo_jax.envs.corpus"])):
         if any(m in text for m in markers):
             return stage
     return "?"
@@ -139,7 +139,18 @@ def test_paper_script_runs_the_whole_lifecycle_in_order(script):
     assert f"hf download {model} --local-dir {ckpt_dir}" in copy
     if "hotpotqa" in script:
         assert "env.options.path=data/hotpot_train_v1.1.json" in argv
+        assert "env.options.eval_path=data/hotpot_dev_distractor_v1.json" in argv
         assert "-o data/hotpot_train_v1.1.json http://curtis.ml.cmu.edu/datasets/hotpot/hotpot_train_v1.1.json" in copy
+        assert ("-o data/hotpot_dev_distractor_v1.json "
+                "http://curtis.ml.cmu.edu/datasets/hotpot/hotpot_dev_distractor_v1.json") in copy
+        # the corpus the config searches is built on every worker from both splits, after they arrive
+        build = "python -m steppo_jax.envs.corpus data/hotpot_corpus.jsonl data/hotpot_train_v1.1.json"
+        assert copy.index(build) > copy.index("hotpot_dev_distractor_v1.json http")
+        from steppo_jax.train import load_config
+
+        options = load_config(str(ROOT / config)).env.options
+        assert options["path"] == "data/hotpot_train_v1.1.json" and options["corpus"] == "data/hotpot_corpus.jsonl"
+        assert options["eval_path"] == "data/hotpot_dev_distractor_v1.json"
     else:
         assert not any(a.startswith("env.options.path=") for a in argv)
 

@@ -14,7 +14,8 @@
 #   install  on all workers: clone the repository, venv, pip install -e '.[envs]' jax[tpu]
 #   mount    on all workers: install gcsfuse and mount --mount-bucket at <workdir>/gcs (only
 #            with --mount-bucket)
-#   copy     on all workers: the checkpoint (--checkpoint) and data file (--data)
+#   copy     on all workers: the checkpoint (--checkpoint) and data files (--data), then the
+#            --prepare command
 #   launch   on all workers at once: STEPPO_DISTRIBUTED=1 steppo train --config ... in the
 #            background (the trainer calls jax.distributed.initialize() when it is set; on TPU
 #            it finds the coordinator and process ids itself)
@@ -45,8 +46,10 @@ Options (defaults in brackets; most also read an environment variable):
   --ref REF              branch, tag or commit to check out [$STEPPO_REF or main]
   --checkpoint SRC       HF checkpoint: hf://org/model, gs://..., a local directory, or
                          worker:PATH (already on the workers); sets model.hf_path
-  --data SRC             data file (sets env.options.path): gs://..., http(s)://..., a local
+  --data [OPTION=]SRC    data file, copied to data/ on the workers; sets env.options.OPTION
+                         (default path) to it; repeatable. SRC: gs://..., http(s)://..., a local
                          file or worker:PATH
+  --prepare COMMAND      run on all workers in the clone after the copy (e.g. build a corpus)
   --mount-bucket BUCKET  mount gs://BUCKET on every worker at <workdir>/gcs with gcsfuse
   --run-dir DIR          run directory on the workers, or gs://... [runs/<name>]
   --results DIR          where fetch puts the run directory here [results/<name>]
@@ -67,7 +70,8 @@ SPOT=0
 REPO="${STEPPO_REPO:-https://github.com/steppo-jax/steppo_jax.git}"
 REF="${STEPPO_REF:-main}"
 CHECKPOINT=""
-DATA=""
+DATA=()
+PREPARE=""
 BUCKET=""
 RUN_DIR=""
 RESULTS=""
@@ -88,7 +92,8 @@ while (($#)); do
     --repo) REPO="${2:?--repo needs a value}"; shift ;;
     --ref) REF="${2:?--ref needs a value}"; shift ;;
     --checkpoint) CHECKPOINT="${2:?--checkpoint needs a value}"; shift ;;
-    --data) DATA="${2:?--data needs a value}"; shift ;;
+    --data) DATA+=("${2:?--data needs a value}"); shift ;;
+    --prepare) PREPARE="${2:?--prepare needs a value}"; shift ;;
     --mount-bucket) BUCKET="${2:?--mount-bucket needs a value}"; BUCKET="${BUCKET#gs://}"; shift ;;
     --run-dir) RUN_DIR="${2:?--run-dir needs a value}"; shift ;;
     --results) RESULTS="${2:?--results needs a value}"; shift ;;
@@ -129,6 +134,10 @@ TPU=(gcloud compute tpus tpu-vm)
 on_workers() {  # on_workers WORKER COMMAND: one ssh per worker ("all" or an index)
   run "${TPU[@]}" ssh "$NAME" "${LOCATION[@]}" --worker="$1" --command "$2"
 }
+
+# --data entries: OPTION=SRC, or SRC alone for env.options.path.
+data_option() { if [[ "$1" =~ ^[A-Za-z_]+= ]]; then echo "${1%%=*}"; else echo path; fi; }
+data_source() { if [[ "$1" =~ ^[A-Za-z_]+= ]]; then echo "${1#*=}"; else echo "$1"; fi; }
 
 # A source from this machine goes to every worker by scp; anything else is fetched by the
 # workers themselves.
@@ -188,7 +197,10 @@ plan_check() {
 train_command() {
   local args=(--config "$CONFIG" --run-dir "$RUN_DIR")
   [[ -z "$CHECKPOINT" ]] || args+=("model.hf_path=$(dest_path "$CHECKPOINT" checkpoints)")
-  [[ -z "$DATA" ]] || args+=("env.options.path=$(dest_path "$DATA" data)")
+  local entry
+  for entry in "${DATA[@]}"; do
+    args+=("env.options.$(data_option "$entry")=$(dest_path "$(data_source "$entry")" data)")
+  done
   args+=("${OVERRIDES[@]}")
   echo "cd $WORKDIR && STEPPO_DISTRIBUTED=1 setsid nohup .venv/bin/steppo train $(quote_all "${args[@]}") > ~/$LOG 2>&1 < /dev/null & echo \$! > ~/$PIDFILE"
 }
@@ -210,7 +222,10 @@ for stage in "${STAGES[@]}"; do
       on_workers all "$(gcsfuse_snippet) && mkdir -p $WORKDIR/gcs && gcsfuse --implicit-dirs $BUCKET $WORKDIR/gcs" ;;
     copy)
       [[ -z "$CHECKPOINT" ]] || copy_source "$CHECKPOINT" checkpoints dir
-      [[ -z "$DATA" ]] || copy_source "$DATA" data file ;;
+      for entry in "${DATA[@]}"; do
+        copy_source "$(data_source "$entry")" data file
+      done
+      [[ -z "$PREPARE" ]] || on_workers all "cd $WORKDIR && source .venv/bin/activate && $PREPARE" ;;
     launch)
       on_workers all "$(train_command)" ;;
     watch)
