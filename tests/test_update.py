@@ -68,7 +68,7 @@ CASES = [("step", "step_mean_token_mean", "shared", "step"), ("token", "token_me
 @pytest.mark.parametrize("policy_loss,aggregation,critic,level", CASES)
 def test_micro_batched_update_equals_whole_minibatch(policy_loss, aggregation, critic, level):
     algo = AlgoSection(policy_loss=policy_loss, aggregation=aggregation, entropy_coef=0.1, kl_coef=0.05,
-                       dual_clip=3.0 if policy_loss == "token" else None, clip_low=0.05, clip_high=0.05)
+                       dual_clip=3.0, clip_low=0.05, clip_high=0.05)
     models, params = models_and_params(critic, level)
     tx = optax.sgd(1.0)  # params move by the gradient itself (Adam's first step would hide its scale)
     state = TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))

@@ -157,7 +157,8 @@ class AlgoSection:
     clip_high: float = 0.28
     """Upper clip range: ratios above ``1 + clip_high`` are clipped."""
     dual_clip: float | None = None
-    """Dual-clip bound c > 1 for negative advantages (token loss); None disables it."""
+    """Dual-clip bound c > 1 for negative advantages: a step (token, for the token loss) with
+    A < 0 loses at most -c*A; None disables it."""
     value_clip: float | None = 0.2
     """Value clipping around the old values; None disables it."""
     value_coef: float = 0.5

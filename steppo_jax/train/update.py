@@ -139,7 +139,7 @@ def loss_terms(logp, ent, values, mb: TrainBatch, models: Models, algo: AlgoSect
         adv_bs = credit.step_sums(mb.adv_bt, mb.step_ids, S) / jnp.maximum(counts, 1)
         policy, stats = losses.step_policy_loss(logp, mb.old_logp, adv_bs, mb.step_ids, clip_low=algo.clip_low,
                                                 clip_high=algo.clip_high, ratio=algo.ratio,
-                                                aggregation=algo.aggregation)
+                                                dual_clip=algo.dual_clip, aggregation=algo.aggregation)
     else:
         policy, stats = losses.token_policy_loss(logp, mb.old_logp, mb.adv_bt, mb.step_ids, clip_low=algo.clip_low,
                                                  clip_high=algo.clip_high, dual_clip=algo.dual_clip,
