@@ -138,9 +138,11 @@ class RolloutEngine:
             for i, res in zip(live, results):
                 self._advance(records[i], res, bool(out.stopped[i]), k, new, i)
             timings.glue_s += time.perf_counter() - t0
-        for rec in records:
+        for rec, first in zip(records, opening):
             if rec.live:  # ran out of steps without the environment ending the episode
                 rec.truncated, rec.live = True, False
+            if rec.contexts is not None and rec.has_final_state:  # the context a next step would see
+                rec.contexts.append(self._window_prompt(rec, first))
         return records
 
     def _advance(self, rec: TrajectoryRecord, res, closed: bool, k: int, new: list, i: int) -> None:
@@ -160,14 +162,16 @@ class RolloutEngine:
         if step.done:
             return
         delta = self.codec.delta(step.messages, reply_closed=closed) if step.messages else []
-        if len(rec.tokens) + len(delta) + self.sampler.max_new_tokens > self.settings.max_context:
-            rec.truncated, rec.live = True, False  # the next step would not fit
+        if len(rec.tokens) + len(delta) > self.settings.max_context:
+            rec.truncated, rec.overflowed, rec.live = True, True, False  # no state to bootstrap from
             return
-        # The observation is kept even after the last step: the bootstrap value of a
-        # truncated trajectory reads the state that includes it.
+        # The observation is kept even when no step follows: the bootstrap value of a
+        # truncated trajectory reads the state that includes it (see steppo_jax.types).
         rec.append_context(delta)
         new[i] = delta
-        if rec.live and not last_step:
+        if len(rec.tokens) + self.sampler.max_new_tokens > self.settings.max_context:
+            rec.truncated, rec.live = True, False  # the next step would not fit
+        elif rec.live and not last_step:
             rec.anchors.append(anchor_id(step.anchor))
         elif last_step:
             rec.truncated, rec.live = not rec.terminated, False

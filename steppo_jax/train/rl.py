@@ -165,7 +165,7 @@ class Trainer:
     def _local_batch(self, records) -> StepBatch:
         """This process's block of the iteration's batch (numpy): length, rows and slots per
         row common to every process (the length first: it decides how step rows pack), group
-        and trajectory ids counted over the whole batch."""
+        and trajectory ids (and the rows of final states) counted over the whole batch."""
         seq_len, = distributed.max_over_processes((self.rt.seq_len(records),))
         batch = self.rt.layout(records, seq_len=seq_len)
         rows, slots = distributed.max_over_processes((batch.batch_size, batch.num_slots))
@@ -174,8 +174,9 @@ class Trainer:
         p = distributed.process_index()
         batch = batch.replace(group_ids=batch.group_ids + p * self.local_tasks)
         if not batch.packed:
-            ti = batch.traj_index
-            batch = batch.replace(traj_index=np.where(ti >= 0, ti + p * batch.num_traj, -1))
+            ti, br = batch.traj_index, batch.bootstrap_row
+            batch = batch.replace(traj_index=np.where(ti >= 0, ti + p * batch.num_traj, -1),
+                                  bootstrap_row=np.where(br >= 0, br + p * batch.batch_size, -1))
         return batch
 
     def step(self) -> dict:
