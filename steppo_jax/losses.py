@@ -147,6 +147,33 @@ def token_policy_loss(logp_bt, old_logp_bt, adv_bt, step_ids_bt, *, clip_low: fl
     return aggregate(loss_bt, step_ids_bt, num_steps or step_ids_bt.shape[1], aggregation), stats
 
 
+def behavior_weights(old_logp_bt, behavior_logp_bt, step_ids_bt, num_steps: int, *, cap: float):
+    """Step-level truncated importance weights for a sampler that is not pi_old.
+
+    ``w_k = min(exp(mean over step k's tokens of (old_logp - behavior_logp)), cap)``: the
+    geometric-mean ratio of the trainer's pi_old to the distribution the step was sampled
+    from, truncated at ``cap`` (TIS at the step level; the same per-token mean as the
+    geometric step ratio). Multiplying step k's policy loss by ``w_k`` corrects the
+    expectation over samples of pi_behaviour toward pi_old, with variance bounded by the cap.
+
+    Args:
+      old_logp_bt, behavior_logp_bt: [B, T] log-probs (read on action tokens only).
+      step_ids_bt: [B, T] (-1 off-action).
+    Returns:
+      (weights [B, S] (1 where step k has no tokens), (weight sum, steps), (capped steps, steps)).
+    """
+    chex.assert_equal_shape([old_logp_bt, behavior_logp_bt, step_ids_bt])
+    is_action = step_ids_bt >= 0
+    counts = step_counts(step_ids_bt, num_steps)
+    log_w = step_sums(jnp.where(is_action, old_logp_bt - behavior_logp_bt, 0.0), step_ids_bt, num_steps)
+    w = jnp.exp(log_w / jnp.maximum(counts, 1))
+    valid = counts > 0
+    n = jnp.sum(valid.astype(w.dtype))
+    capped = valid & (w > cap)
+    w = jnp.where(valid, jnp.minimum(w, cap), jnp.ones_like(w))
+    return w, (jnp.sum(jnp.where(valid, w, 0.0)), n), (jnp.sum(capped.astype(w.dtype)), n)
+
+
 def _ratio_stats(ratio, valid, clip_active, log_ratio_bt, is_action) -> PolicyLossStats:
     n = jnp.sum(valid.astype(jnp.float32))
     big = jnp.finfo(jnp.float32).max

@@ -59,7 +59,10 @@ class StepBatch:
       seq_lens:    [B] int32      number of real (non-padding) tokens of the row.
       value_pos:   [B, S_row] int32  position whose value estimates the state before
                                   slot k: the last token before its first action token.
-      old_logp:    [B, T] f32     behaviour log-probs (0 off-action).
+      old_logp:    [B, T] f32     behaviour log-probs (0 off-action): laid out from the
+                                  records, the sampler's (of the truncated distribution it
+                                  drew from); the trainer sets pi_old of the ratios here
+                                  (``train.update.behavior_policy``, ``algo.behavior_logp``).
       ref_logp:    [B, T] f32     reference log-probs (0 off-action).
     Grid fields (N trajectories, S steps; N == B and S == S_row when packed):
       step_rewards: [N, S] f32    reward of step k.

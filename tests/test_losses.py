@@ -96,6 +96,21 @@ def test_step_policy_loss_dual_clip_by_hand():
     np.testing.assert_allclose(total, 0.5 * 3 + 2.0 * 0.8 - 1.2, rtol=1e-6)
 
 
+def test_behavior_weights_by_hand():
+    # log pi_old - log pi_sampler per token: step 0 [0.2, 0.4] -> exp(0.3); step 1 [-0.5] ->
+    # exp(-0.5); step 2 [1, 1, 1] -> e, capped at 2; slot 3 has no tokens -> 1.
+    old = jnp.array([[0.0, -1.0, -1.0, 0.0, -2.0, -1.0, -1.0, -1.0]])
+    sampler = jnp.array([[0.0, -1.2, -1.4, 0.0, -1.5, -2.0, -2.0, -2.0]])
+    ids = jnp.array([[-1, 0, 0, -1, 1, 2, 2, 2]])
+    w, (w_sum, n), (capped, n2) = losses.behavior_weights(old, sampler, ids, 4, cap=2.0)
+    np.testing.assert_allclose(w, [[np.exp(0.3), np.exp(-0.5), 2.0, 1.0]], rtol=1e-6)
+    np.testing.assert_allclose(w_sum, np.exp(0.3) + np.exp(-0.5) + 2.0, rtol=1e-6)
+    assert (float(n), float(capped), float(n2)) == (3.0, 1.0, 3.0)
+    w, _, (capped, _) = losses.behavior_weights(old, sampler, ids, 4, cap=3.0)
+    np.testing.assert_allclose(w[0, 2], np.e, rtol=1e-6)
+    assert float(capped) == 0.0
+
+
 def test_token_policy_loss_dual_clip_by_hand():
     logp = jnp.log(jnp.array([[1.0, 5.0, 0.5, 1.3]]))
     old = jnp.zeros((1, 4))

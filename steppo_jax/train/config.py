@@ -171,6 +171,14 @@ class AlgoSection:
     """KL estimator (k3 is the low-variance one)."""
     kl_in_reward: bool = False
     """Fold the KL penalty into the step rewards instead of the loss."""
+    behavior_logp: Literal["recomputed", "sampler"] = "recomputed"
+    """pi_old of the ratios: ``recomputed`` by the trainer's forward before the update, or the
+    ``sampler``'s log-probs (of the truncated distribution it drew from, after top-k/top-p)."""
+    behavior_weight_cap: float = 0.0
+    """Step-level truncated importance sampling: each step's policy loss is weighted by
+    min(exp(mean over its tokens of log pi_old - log pi_sampler), cap), correcting for
+    sampling from the sampler's distribution rather than the recomputed pi_old; 0 disables
+    it. Needs ``behavior_logp: recomputed``."""
 
 
 @dataclass(frozen=True)
@@ -378,6 +386,11 @@ def _rules(cfg: Config):
     yield "optim.b2", not 0 <= o.b2 < 1, "must be in [0, 1)"
     yield "algo.dual_clip", a.dual_clip is not None and a.dual_clip <= 1, "must be > 1 or null"
     yield "algo.value_clip", a.value_clip is not None and a.value_clip <= 0, "must be > 0 or null"
+    yield ("algo.behavior_weight_cap", a.behavior_weight_cap != 0 and a.behavior_weight_cap < 1,
+           "must be 0 (off) or >= 1")
+    yield ("algo.behavior_weight_cap", a.behavior_weight_cap != 0 and a.behavior_logp != "recomputed",
+           "needs algo.behavior_logp 'recomputed' (with the sampler's log-probs as pi_old the ratio "
+           "already corrects for the sampler)")
     yield "mesh.data", cfg.mesh.data == 0 or cfg.mesh.data < -1, "must be >= 1, or -1 for all remaining devices"
     yield "model.hf_path", m.source == "hf" and not m.hf_path, "is required when model.source is 'hf'"
     yield "model.n_heads", m.source == "tiny" and m.d_model % m.n_heads != 0, "must divide model.d_model"
