@@ -59,7 +59,8 @@ def batch(rows: int, seq: int, steps: int = 4) -> TrainBatch:
                       old_logp=np.where(act, -3.0, 0.0).astype(np.float32), ref_logp=np.zeros((rows, seq), np.float32),
                       adv_bt=np.where(act, f(rows, seq), 0.0).astype(np.float32), returns_bt=f(rows, seq),
                       old_values_bt=f(rows, seq), value_pos=value_pos, slot_mask=np.ones((rows, steps), bool),
-                      returns_bs=f(rows, steps), segment_ids=None)
+                      returns_bs=f(rows, steps), behavior_weight_bs=np.ones((rows, steps), np.float32),
+                      segment_ids=None)
 
 
 def build(path: str, rows: int, seq: int):

@@ -54,7 +54,8 @@ def iteration_time(cfg, models, state, tx, batch, repeats: int) -> float:
         credit, _ = assign_credit(batch.replace(old_logp=logp), values, algo=cfg.algo)
         zeros = logp * 0
         mb = TrainBatch(batch.tokens, batch.step_ids, logp, zeros, credit.advantages_bt, zeros, values,
-                        batch.value_pos, batch.slot_mask(), credit.returns_bs, batch.segment_ids)
+                        batch.value_pos, batch.slot_mask(), credit.returns_bs,
+                        np.ones(batch.value_pos.shape, np.float32), batch.segment_ids)
         return update(state, mb, np.arange(mb.tokens.shape[0]))[1]["loss"]
 
     jax.block_until_ready(run())  # compile

@@ -64,19 +64,24 @@ def _approx_kl(log_ratio_bt, is_action):
 
 
 def step_policy_loss(logp_bt, old_logp_bt, adv_bs, step_ids_bt, *, clip_low: float = 0.2, clip_high: float = 0.2,
-                     ratio: Literal["geometric", "product"] = "geometric",
-                     aggregation: Aggregation = "step_mean_token_mean"):
+                     ratio: Literal["geometric", "product"] = "geometric", dual_clip: float | None = None,
+                     aggregation: Aggregation = "step_mean_token_mean", weights_bs: jax.Array | None = None):
     """StepPO's clipped surrogate with one importance ratio per step.
 
     ``log s_k`` is the mean (``ratio="geometric"``, GSPO-style) or the sum
     (``"product"``, the exact step ratio) of ``logp - old_logp`` over step k's tokens.
     Each token carries ``s_t = exp(sg(log s_k) + logp_t - sg(logp_t))``: its value is
     the step ratio and its gradient is the step ratio times ``d logp_t``, and
-    ``l_t = max(-A_k s_t, -A_k clip(s_t, 1 - clip_low, 1 + clip_high))``.
+    ``l_t = max(-A_k s_t, -A_k clip(s_t, 1 - clip_low, 1 + clip_high))``. With
+    ``dual_clip = c > 1`` a step with ``A_k < 0`` has ``l_t = min(l_t, -c A_k)``: its loss
+    (and so its gradient) stops growing once ``s_k > c``, as in token PPO's dual clip but
+    on the step ratio. With ``weights_bs`` each step's ``l_t`` is multiplied by ``w_k``
+    (constants, e.g. ``behavior_weights``), after the clipping.
 
     Args:
       logp_bt: [B, T] current log-probs; old_logp_bt: [B, T] behaviour log-probs.
       adv_bs: [B, S] step advantages; step_ids_bt: [B, T] (-1 off-action).
+      weights_bs: [B, S] per-step weights of the loss, or None (all 1).
     Returns:
       ((loss_sum, denominator), PolicyLossStats).
     """
@@ -97,6 +102,10 @@ def step_policy_loss(logp_bt, old_logp_bt, adv_bs, step_ids_bt, *, clip_low: flo
     unclipped = -adv_bt * s_bt
     clipped = -adv_bt * jnp.clip(s_bt, 1.0 - clip_low, 1.0 + clip_high)
     loss_bt = jnp.maximum(unclipped, clipped)
+    if dual_clip is not None:
+        loss_bt = jnp.where(adv_bt < 0, jnp.minimum(loss_bt, -dual_clip * adv_bt), loss_bt)
+    if weights_bs is not None:
+        loss_bt = loss_bt * to_tokens(jax.lax.stop_gradient(weights_bs), step_ids_bt)
 
     s_bs = jnp.exp(jax.lax.stop_gradient(log_s_bs))
     valid = counts > 0
@@ -108,11 +117,12 @@ def step_policy_loss(logp_bt, old_logp_bt, adv_bs, step_ids_bt, *, clip_low: flo
 
 def token_policy_loss(logp_bt, old_logp_bt, adv_bt, step_ids_bt, *, clip_low: float = 0.2, clip_high: float = 0.2,
                       dual_clip: float | None = None, aggregation: Aggregation = "token_mean",
-                      num_steps: int | None = None):
+                      num_steps: int | None = None, weights_bt: jax.Array | None = None):
     """Token-level PPO: a ratio per token, optional dual clip for negative advantages.
 
     ``l_t = max(-A_t r_t, -A_t clip(r_t))``; with ``dual_clip = c > 1`` and ``A_t < 0``,
-    ``l_t = min(l_t, -c A_t)``.
+    ``l_t = min(l_t, -c A_t)``; with ``weights_bt`` [B, T] (constants) ``l_t`` is then
+    multiplied by ``w_t``.
 
     Args:
       logp_bt, old_logp_bt, adv_bt: [B, T]; step_ids_bt: [B, T] (-1 off-action), used
@@ -128,11 +138,40 @@ def token_policy_loss(logp_bt, old_logp_bt, adv_bt, step_ids_bt, *, clip_low: fl
     loss_bt = jnp.maximum(-adv_bt * r_bt, -adv_bt * jnp.clip(r_bt, 1.0 - clip_low, 1.0 + clip_high))
     if dual_clip is not None:
         loss_bt = jnp.where(adv_bt < 0, jnp.minimum(loss_bt, -dual_clip * adv_bt), loss_bt)
+    if weights_bt is not None:
+        loss_bt = loss_bt * jax.lax.stop_gradient(weights_bt)
     sg_r = jax.lax.stop_gradient(r_bt)
     sg_adv = jax.lax.stop_gradient(adv_bt)
     clip_active = is_action & (((sg_adv > 0) & (sg_r > 1.0 + clip_high)) | ((sg_adv < 0) & (sg_r < 1.0 - clip_low)))
     stats = _ratio_stats(sg_r, is_action, clip_active, jax.lax.stop_gradient(log_ratio_bt), is_action)
     return aggregate(loss_bt, step_ids_bt, num_steps or step_ids_bt.shape[1], aggregation), stats
+
+
+def behavior_weights(old_logp_bt, behavior_logp_bt, step_ids_bt, num_steps: int, *, cap: float):
+    """Step-level truncated importance weights for a sampler that is not pi_old.
+
+    ``w_k = min(exp(mean over step k's tokens of (old_logp - behavior_logp)), cap)``: the
+    geometric-mean ratio of the trainer's pi_old to the distribution the step was sampled
+    from, truncated at ``cap`` (TIS at the step level; the same per-token mean as the
+    geometric step ratio). Multiplying step k's policy loss by ``w_k`` corrects the
+    expectation over samples of pi_behaviour toward pi_old, with variance bounded by the cap.
+
+    Args:
+      old_logp_bt, behavior_logp_bt: [B, T] log-probs (read on action tokens only).
+      step_ids_bt: [B, T] (-1 off-action).
+    Returns:
+      (weights [B, S] (1 where step k has no tokens), (weight sum, steps), (capped steps, steps)).
+    """
+    chex.assert_equal_shape([old_logp_bt, behavior_logp_bt, step_ids_bt])
+    is_action = step_ids_bt >= 0
+    counts = step_counts(step_ids_bt, num_steps)
+    log_w = step_sums(jnp.where(is_action, old_logp_bt - behavior_logp_bt, 0.0), step_ids_bt, num_steps)
+    w = jnp.exp(log_w / jnp.maximum(counts, 1))
+    valid = counts > 0
+    n = jnp.sum(valid.astype(w.dtype))
+    capped = valid & (w > cap)
+    w = jnp.where(valid, jnp.minimum(w, cap), jnp.ones_like(w))
+    return w, (jnp.sum(jnp.where(valid, w, 0.0)), n), (jnp.sum(capped.astype(w.dtype)), n)
 
 
 def _ratio_stats(ratio, valid, clip_active, log_ratio_bt, is_action) -> PolicyLossStats:

@@ -24,6 +24,16 @@ observation o0 o1, step 1 = b0 b1, terminated::
 
 ``old_logp[t]`` is the log-prob of ``tokens[t]`` given ``tokens[:t]``; the value at
 position p is V of the state that has seen ``tokens[:p+1]``.
+
+Bootstrap values. A truncated trajectory (not ``terminated``) bootstraps from V of the state
+after its last step, read the way ``value_pos`` reads the state before a step: at the last
+token before where the next reply would start (after the final observation and the next
+generation prompt). Had the trajectory continued, that token would have been the next step's
+``value_pos`` — a position of the kind the critic is trained at. Packed: the row's last real
+token (the row keeps the final observation). Per-step rows: a segment of its own holding the
+context the next step would have been sampled from, without action tokens, named by
+``bootstrap_row``/``bootstrap_pos``. A trajectory whose final state is not in the batch is
+marked ``terminated`` (bootstrap 0) by the layout: no value is read where none was trained.
 """
 
 from __future__ import annotations
@@ -49,13 +59,17 @@ class StepBatch:
       seq_lens:    [B] int32      number of real (non-padding) tokens of the row.
       value_pos:   [B, S_row] int32  position whose value estimates the state before
                                   slot k: the last token before its first action token.
-      old_logp:    [B, T] f32     behaviour log-probs (0 off-action).
+      old_logp:    [B, T] f32     behaviour log-probs (0 off-action): laid out from the
+                                  records, the sampler's (of the truncated distribution it
+                                  drew from); the trainer sets pi_old of the ratios here
+                                  (``train.update.behavior_policy``, ``algo.behavior_logp``).
       ref_logp:    [B, T] f32     reference log-probs (0 off-action).
     Grid fields (N trajectories, S steps; N == B and S == S_row when packed):
       step_rewards: [N, S] f32    reward of step k.
       step_mask:    [N, S] bool   step k exists; valid steps are a prefix.
       anchor_ids:   [N, S] int32  hash of the observation state before step k (GiGPO).
-      terminated:   [N] bool      terminal (bootstrap 0) vs truncated (bootstrap V).
+      terminated:   [N] bool      bootstrap 0 (a terminal state, or no final state in the
+                                  batch) vs bootstrap V at the final state (truncated).
       group_ids:    [N] int32     rollouts of the same task share a group, in [0, N).
     Layout fields (per-step rows only; ``None`` when packed):
       traj_index:  [B, S_row] int32  grid row of slot k (-1: unused slot).
@@ -65,6 +79,12 @@ class StepBatch:
                                      contiguous runs, padding (at or after seq_lens) in a
                                      segment of its own (``step_rows_batch``: 1, 2, ... for
                                      the step rows, 0 for padding).
+      bootstrap_row: [N] int32       row of trajectory i's final state (the state after its
+                                     last step): a segment (with ``segment_ids``; else the
+                                     row) without action tokens; -1 if i is terminated or
+                                     has no steps.
+      bootstrap_pos: [N] int32       the last token of that segment, its ``value_pos``-like
+                                     state token (-1 where ``bootstrap_row`` is).
     """
 
     tokens: jax.Array
@@ -82,6 +102,8 @@ class StepBatch:
     traj_index: jax.Array | None = None
     step_index: jax.Array | None = None
     segment_ids: jax.Array | None = None
+    bootstrap_row: jax.Array | None = None
+    bootstrap_pos: jax.Array | None = None
 
     @property
     def batch_size(self) -> int:
@@ -129,33 +151,25 @@ class StepBatch:
         return self.from_grid(self.step_mask.astype(jnp.int32)).astype(bool) & (self.traj_index >= 0)
 
     def bootstrap_index(self) -> tuple[jax.Array, jax.Array]:
-        """(row [N], position [N]) whose value bootstraps a truncated trajectory.
+        """(row [N], position [N]) whose value bootstraps a truncated trajectory: its final
+        state's state token (see the module docstring).
 
-        Packed: the row's last real token (the state after the last observation).
-        Per-step rows: the last action token of the slot holding the trajectory's last step
-        (the state after its last action; the final observation is in no row).
+        Packed: the row's last real token. Per-step rows: ``bootstrap_row``/``bootstrap_pos``.
         """
         if self.packed:
             return jnp.arange(self.batch_size), jnp.maximum(self.seq_lens - 1, 0)
-        S_row = self.num_slots
-        ids = jnp.where(self.step_ids >= 0, self.step_ids, S_row)
-        pos = jnp.cumsum(jnp.ones_like(ids), axis=1) - 1  # derived from data: keeps its sharding
-        last_bs = jax.vmap(lambda p, i: jax.ops.segment_max(p, i, S_row + 1)[:S_row])(pos, ids)
-        # Cross-row gathers: done on replicated copies (cheap [B, S_row] and [N] arrays).
-        ti, si = replicated(self.traj_index), replicated(self.step_index)
-        n_steps = replicated(jnp.sum(self.step_mask, axis=1))
-        is_last = (ti >= 0) & (si == n_steps[jnp.maximum(ti, 0)] - 1)
-        last_ti = jnp.where(is_last, ti, -1)
-        rows = jnp.broadcast_to(jnp.arange(self.batch_size)[:, None], is_last.shape)
-        return tuple(rows_to_grid(x, last_ti, jnp.zeros_like(si), self.num_traj, 1)[:, 0]
-                     for x in (rows, jnp.maximum(last_bs, 0)))
+        if self.bootstrap_row is None or self.bootstrap_pos is None:
+            raise ValueError("per-step rows need bootstrap_row and bootstrap_pos (the final states' rows)")
+        return self.bootstrap_row, self.bootstrap_pos
 
     def bootstrap_values(self, values_bt: jax.Array) -> jax.Array:
         """[N] critic values at ``bootstrap_index()`` (a row-local read when packed)."""
         row, pos = self.bootstrap_index()
         if self.packed:
             return jnp.take_along_axis(values_bt, pos[:, None], axis=1)[:, 0]
-        return replicated(values_bt)[row, pos]
+        row, pos = replicated(row), replicated(pos)
+        v = replicated(values_bt)[jnp.maximum(row, 0), jnp.maximum(pos, 0)]
+        return jnp.where(row >= 0, v, jnp.zeros_like(v))
 
 
 def rows_to_grid(x_bs, traj_index_bs, step_index_bs, num_traj: int, num_steps: int):
@@ -195,7 +209,9 @@ def validate(batch: StepBatch) -> StepBatch:
     non-prefix step masks, step ids out of range, action tokens without a step (and step
     ids off the action mask), slots out of order or empty, value positions at or after
     the slot's first action token, group ids out of range, layout coverage, and segments
-    that are not contiguous, that a slot's tokens straddle or that padding shares.
+    that are not contiguous, that a slot's tokens straddle or that padding shares, and (per-step
+    rows) a truncated trajectory whose bootstrap position is not the last token of an
+    action-free segment.
     """
     b = jax.tree.map(np.asarray, batch)
     for name, dims in (("tokens", "[B, T]"), ("value_pos", "[B, S_row]"), ("step_mask", "[N, S]")):
@@ -211,9 +227,15 @@ def validate(batch: StepBatch) -> StepBatch:
         "terminated": ((N,), np.bool_), "group_ids": ((N,), np.integer),
     }
     if not b.packed:
-        expected |= {"traj_index": ((B, S_row), np.integer), "step_index": ((B, S_row), np.integer)}
+        expected |= {"traj_index": ((B, S_row), np.integer), "step_index": ((B, S_row), np.integer),
+                     "bootstrap_row": ((N,), np.integer), "bootstrap_pos": ((N,), np.integer)}
     if b.segment_ids is not None:
         expected["segment_ids"] = ((B, T), np.integer)
+    for name in ("bootstrap_row", "bootstrap_pos"):
+        if b.packed and getattr(b, name) is not None:
+            _fail(name, "is for per-step rows only (packed rows bootstrap at their last real token)")
+        if not b.packed and getattr(b, name) is None:
+            _fail(name, "is required for per-step rows (None given)")
     for name, (shape, kind) in expected.items():
         x = getattr(b, name)
         if x.shape != shape:
@@ -252,6 +274,8 @@ def validate(batch: StepBatch) -> StepBatch:
             _fail("traj_index", "each valid grid step must be covered by exactly one slot", _first((cover != 1) & b.step_mask))
         if np.any(cover[~b.step_mask] != 0):
             _fail("traj_index", "a slot maps to a grid step that step_mask marks invalid", _first((cover != 0) & ~b.step_mask))
+        for i in np.flatnonzero(b.step_mask[:, 0] & ~b.terminated):
+            _check_bootstrap(b, int(i))
     slot_mask = _slot_mask_np(b, N, S)
     for row in range(B):
         if b.segment_ids is not None:
@@ -278,6 +302,19 @@ def validate(batch: StepBatch) -> StepBatch:
             first_pos = pos[0] if first_pos < 0 else first_pos
             last_pos = pos[-1]
     return batch
+
+
+def _check_bootstrap(b: StepBatch, i: int) -> None:
+    """Truncated trajectory i's bootstrap position: the last token of an action-free segment."""
+    row, pos = int(b.bootstrap_row[i]), int(b.bootstrap_pos[i])
+    if not (0 <= row < b.tokens.shape[0] and 0 <= pos < b.seq_lens[row]):
+        _fail("bootstrap_pos", f"({row}, {pos}) is not a real token of the batch (truncated trajectory {i})", (i,))
+    seg = b.segment_ids[row, :b.seq_lens[row]] if b.segment_ids is not None else np.zeros(b.seq_lens[row], np.int32)
+    members = seg == seg[pos]
+    if pos + 1 < seg.size and members[pos + 1]:
+        _fail("bootstrap_pos", "must be the last token of its segment (the final state's state token)", (i,))
+    if np.any(b.action_mask[row, :seg.size] & members):
+        _fail("bootstrap_row", "the final state's segment must hold no action tokens", (i,))
 
 
 def _check_segments(seg: np.ndarray, seq_len: int, row: int) -> None:

@@ -139,8 +139,9 @@ def gigpo(r, mask, gids, anchors, gamma, step_weight=1.0, eps=1e-6):
     return out
 
 
-def step_policy_loss(logp, old, adv_bs, ids, clip_low, clip_high, ratio, aggregation):
-    """Loss value and its analytic gradient w.r.t. logp (per token)."""
+def step_policy_loss(logp, old, adv_bs, ids, clip_low, clip_high, ratio, aggregation, dual_clip=None, weights=None):
+    """Loss value and its analytic gradient w.r.t. logp (per token); ``dual_clip`` caps a
+    negative-advantage step's loss at -c*A, ``weights`` [B, S] scale each step's loss."""
     B, T = logp.shape
     S = adv_bs.shape[1]
     total, grad = 0.0, np.zeros((B, T))
@@ -155,12 +156,16 @@ def step_policy_loss(logp, old, adv_bs, ids, clip_low, clip_high, ratio, aggrega
         s, a = math.exp(log_ratio), adv_bs[b, k]
         clipped = min(max(s, 1 - clip_low), 1 + clip_high)
         per_token = max(-a * s, -a * clipped)
+        capped = dual_clip is not None and a < 0 and per_token > -dual_clip * a
+        if capped:
+            per_token = -dual_clip * a
         weight = 1.0 / len(ts) if aggregation == "step_mean_token_mean" else 1.0
+        weight *= 1.0 if weights is None else weights[b, k]
         total += weight * per_token * len(ts)
         # d/dlogp_t of max(-a s_t, -a clip(s_t)) with d s_t / d logp_t = s.
         # Inside the clip range both branches coincide; outside, only a strictly larger
         # unclipped branch carries gradient.
-        g = -a * s if (1 - clip_low < s < 1 + clip_high or -a * s > -a * clipped) else 0.0
+        g = -a * s if (1 - clip_low < s < 1 + clip_high or -a * s > -a * clipped) and not capped else 0.0
         for t in ts:
             grad[b, t] = weight * g / denom
     return total, denom, grad

@@ -15,7 +15,7 @@ class Trajectory:
     prompt: int  # prompt length
     actions: list[int]  # action length of each step (>= 1)
     observations: list[int]  # observation length after each step but the last
-    final_obs: int  # tokens after the last action (0 for per-step-row equivalence)
+    final_obs: int  # tokens after the last action: the final observation (may be 0)
     rewards: list[float]
     anchors: list[int]
     terminated: bool
@@ -75,29 +75,43 @@ def packed_batch(trajs: list[Trajectory], max_steps: int, seq_len: int | None = 
 
 def step_rows_batch(trajs: list[Trajectory], max_steps: int, seq_len: int | None = None, seed: int = 0,
                     num_rows: int | None = None, pack_len: int | None = None) -> StepBatch:
-    """One row per (trajectory, step): the context up to the step plus its action.
+    """One row per (trajectory, step): the context up to the step plus its action, and one
+    per truncated trajectory: its final state (its whole packed row, final observation
+    included; ``bootstrap_row``/``bootstrap_pos`` point at its last token).
 
     Token ids and log-probs are those of ``packed_batch`` with the same seed, so step row
-    (i, k) is a prefix of trajectory i's packed row. With ``pack_len`` the step rows are
-    packed first-fit decreasing into rows of ``pack_len`` tokens, segment ids 1, 2, ... (0 on
-    the padding), slot j of a row its j-th segment.
+    (i, k) is a prefix of trajectory i's packed row. With ``pack_len`` the rows are packed
+    first-fit decreasing into rows of ``pack_len`` tokens, segment ids 1, 2, ... (0 on the
+    padding), slot j of a row its j-th segment (final states after the steps).
     """
     packed = packed_batch(trajs, max_steps, seed=seed)
     pairs = [(i, k) for i, t in enumerate(trajs) for k in range(len(t.actions))]
-    ends = [_layout(trajs[i])[0][k][1] for i, k in pairs]
-    bins = first_fit_decreasing(ends, pack_len) if pack_len else [[j] for j in range(len(pairs))]
+    finals = [i for i, t in enumerate(trajs) if t.actions and not t.terminated]
+    ends = [_layout(trajs[i])[0][k][1] for i, k in pairs] + [_layout(trajs[i])[1] for i in finals]
+    bins = first_fit_decreasing(ends, pack_len) if pack_len else [[j] for j in range(len(ends))]
     R = num_rows or max(len(bins), 1)
     T = pack_len or seq_len or max(ends + [1])
-    S_row = max([len(b) for b in bins] + [1])
+    S_row = max([sum(j < len(pairs) for j in b) for b in bins] + [1])
     f = _empty(R, T, S_row, len(trajs), max_steps)
     f["traj_index"] = np.full((R, S_row), -1, np.int32)
     f["step_index"] = np.full((R, S_row), -1, np.int32)
+    f["bootstrap_row"] = np.full((len(trajs),), -1, np.int32)
+    f["bootstrap_pos"] = np.full((len(trajs),), -1, np.int32)
     if pack_len:
         f["segment_ids"] = np.zeros((R, T), np.int32)
     for r, members in enumerate(bins):
         off = 0
         for slot, j in enumerate(members):
-            (i, k), end = pairs[j], ends[j]
+            end = ends[j]
+            if j >= len(pairs):
+                i = finals[j - len(pairs)]
+                f["tokens"][r, off:off + end] = packed.tokens[i, :end]
+                f["bootstrap_row"][i], f["bootstrap_pos"][i] = r, off + end - 1
+                if pack_len:
+                    f["segment_ids"][r, off:off + end] = slot + 1
+                off += end
+                continue
+            i, k = pairs[j]
             s = _layout(trajs[i])[0][k][0]
             f["tokens"][r, off:off + end] = packed.tokens[i, :end]
             f["action_mask"][r, off + s:off + end] = True

@@ -9,7 +9,7 @@ import pytest
 
 from steppo_jax import credit
 from steppo_jax.estimators import ESTIMATORS, EstimatorConfig, get_estimator
-from steppo_jax.types import validate
+from steppo_jax.types import StepBatch, validate
 from tests import reference as ref
 from tests.step_data import packed_batch, random_trajectories, step_rows_batch
 
@@ -18,21 +18,24 @@ CFG = EstimatorConfig(gamma=0.95, lam=0.9)
 
 def batches(seed, num=12, S=4, pack_len=None):
     """(packed, per-step rows, values [B, T] of packed, values of the per-step rows): the
-    per-step rows packed into rows of ``pack_len`` tokens when given."""
+    per-step rows packed into rows of ``pack_len`` tokens when given. Truncated trajectories
+    end with a final observation (0-2 tokens), a final-state row of its own per-step."""
     rng = np.random.default_rng(seed)
-    trajs = random_trajectories(rng, num, S, final_obs=False)
+    trajs = random_trajectories(rng, num, S)
     packed = validate(packed_batch(trajs, S, seed=seed))
-    rows = validate(step_rows_batch(trajs, S, seed=seed, num_rows=sum(len(t.actions) for t in trajs) + 2,
+    rows = validate(step_rows_batch(trajs, S, seed=seed, num_rows=sum(len(t.actions) + 1 for t in trajs) + 2,
                                     pack_len=pack_len))
     values = rng.normal(size=packed.tokens.shape).astype(np.float32)
     # A causal critic sees the same prefix in a per-step row (segment) as in the packed row.
+    owners = {(r, slot + 1): rows.traj_index[r, slot] for r in range(rows.batch_size)
+              for slot in range(rows.num_slots) if rows.traj_index[r, slot] >= 0}
+    for i in np.flatnonzero(rows.bootstrap_row >= 0):
+        r = rows.bootstrap_row[i]
+        owners[(r, rows.segment_ids[r, rows.bootstrap_pos[i]] if pack_len else 1)] = i
     row_values = np.zeros(rows.tokens.shape, np.float32)
-    for r in range(rows.batch_size):
-        for slot in range(rows.num_slots):
-            i = rows.traj_index[r, slot]
-            if i >= 0:
-                where = np.flatnonzero(rows.segment_ids[r] == slot + 1) if pack_len else np.arange(rows.seq_lens[r])
-                row_values[r, where] = values[i, :where.size]
+    for (r, seg), i in owners.items():
+        where = np.flatnonzero(rows.segment_ids[r] == seg) if pack_len else np.arange(rows.seq_lens[r])
+        row_values[r, where] = values[i, :where.size]
     return packed, rows, values, row_values
 
 
@@ -139,3 +142,41 @@ def test_no_recompile_within_a_bucket():
     other_bucket = packed_batch(random_trajectories(np.random.default_rng(9), 8, 4), 4, seq_len=128)
     jax.block_until_ready(jitted(other_bucket, jnp.zeros((8, 128), jnp.float32)))
     assert jitted._cache_size() == 2  # the counter does count a new bucket
+
+
+def truncated_example():
+    """DESIGN §2's worked example cut after step 1 (not terminated), the final observation
+    o2 o3 kept: p0 p1 p2 a0 a1 a2 o0 o1 b0 b1 o2 o3. Packed, and as per-step rows (one per
+    row: step 0, step 1, the final state), with the values of a causal critic."""
+    ids = np.array([-1, -1, -1, 0, 0, 0, -1, -1, 1, 1, -1, -1], np.int32)
+    tokens = np.arange(1, 13, dtype=np.int32)
+    values = np.array([0, 0, 0.5, 0, 0, 0, 0, 1.0, 0, 9.0, 0, 2.0], np.float32)  # 9: the last action token
+    grid = dict(step_rewards=np.array([[0.0, 1.0]], np.float32), step_mask=np.ones((1, 2), bool),
+                anchor_ids=np.zeros((1, 2), np.int32), terminated=np.array([False]), group_ids=np.zeros(1, np.int32))
+    packed = StepBatch(tokens=tokens[None], action_mask=ids[None] >= 0, step_ids=ids[None],
+                       seq_lens=np.array([12], np.int32), value_pos=np.array([[2, 7]], np.int32),
+                       old_logp=np.zeros((1, 12), np.float32), ref_logp=np.zeros((1, 12), np.float32), **grid)
+    lens = np.array([6, 10, 12], np.int32)
+    real = np.arange(12)[None] < lens[:, None]
+    row_ids = np.where(real, np.stack([np.where(ids == 0, 0, -1), np.where(ids == 1, 0, -1), -np.ones(12)]), -1)
+    rows = StepBatch(tokens=np.where(real, tokens, 0).astype(np.int32), action_mask=row_ids >= 0,
+                     step_ids=row_ids.astype(np.int32), seq_lens=lens, value_pos=np.array([[2], [7], [0]], np.int32),
+                     old_logp=np.zeros((3, 12), np.float32), ref_logp=np.zeros((3, 12), np.float32),
+                     traj_index=np.array([[0], [0], [-1]], np.int32), step_index=np.array([[0], [1], [-1]], np.int32),
+                     bootstrap_row=np.array([2], np.int32), bootstrap_pos=np.array([11], np.int32), **grid)
+    return validate(packed), validate(rows), values[None], np.where(real, values, 0).astype(np.float32)
+
+
+def test_step_gae_of_a_truncated_trajectory_by_hand():
+    # gamma 0.9, lambda 0.8; V(s0) = V[2] = 0.5, V(s1) = V[7] = 1, V(s2) = V[11] = 2 (the final
+    # state, not the last action token's 9): A1 = 1 + 0.9*2 - 1 = 1.8;
+    # A0 = (0 + 0.9*1 - 0.5) + 0.9*0.8*1.8 = 1.696; R = A + V = (2.196, 2.8).
+    cfg = EstimatorConfig(gamma=0.9, lam=0.8, whiten=False)
+    packed, rows, values, row_values = truncated_example()
+    out = get_estimator("step_gae").fn(packed, values, cfg)
+    np.testing.assert_allclose(out.returns_bs, [[2.196, 2.8]], rtol=1e-6)
+    np.testing.assert_allclose(out.advantages_bt[0, [3, 4, 5, 8, 9]], [1.696] * 3 + [1.8] * 2, rtol=1e-6)
+    out_rows = get_estimator("step_gae").fn(rows, row_values, cfg)
+    np.testing.assert_allclose(rows.to_grid(out_rows.returns_bs), [[2.196, 2.8]], rtol=1e-6)
+    np.testing.assert_allclose(out_rows.advantages_bt[0, 3:6], [1.696] * 3, rtol=1e-6)
+    np.testing.assert_allclose(out_rows.advantages_bt[1, 8:10], [1.8] * 2, rtol=1e-6)

@@ -53,6 +53,64 @@ def test_step_ratio_is_one_per_step_by_hand():
     assert float(stats.clip_frac[0]) == 1.0
 
 
+@pytest.mark.parametrize("aggregation", losses.AGGREGATIONS)
+@pytest.mark.parametrize("seed", range(2))
+def test_step_policy_loss_dual_clip_and_weights_value_and_grad(variant, aggregation, seed):
+    batch, logp, adv = policy_inputs(seed)
+    logp = (logp + np.where(batch.action_mask, 0.6, 0)).astype(np.float32)  # ratios ~1.8: the cap binds
+    weights = np.random.default_rng(seed).uniform(0.5, 2.0, adv.shape).astype(np.float32)
+
+    def loss(lp):
+        (total, denom), _ = losses.step_policy_loss(lp, batch.old_logp, adv, batch.step_ids, clip_low=0.1,
+                                                     clip_high=0.15, dual_clip=1.5, aggregation=aggregation,
+                                                     weights_bs=weights)
+        return total / denom, (total, denom)
+
+    (_, (total, denom)), grad = variant(jax.value_and_grad(loss, has_aux=True))(logp)
+    total_ref, denom_ref, grad_ref = ref.step_policy_loss(logp, batch.old_logp, adv, batch.step_ids, 0.1, 0.15,
+                                                          "geometric", aggregation, dual_clip=1.5, weights=weights)
+    np.testing.assert_allclose(total, total_ref, rtol=1e-5, atol=1e-5)
+    assert float(denom) == denom_ref
+    np.testing.assert_allclose(grad, grad_ref, atol=1e-5)
+
+
+def test_step_policy_loss_dual_clip_by_hand():
+    # Three steps of two tokens each, both tokens at the step ratio:
+    # step 0: s = 5, A = -1 -> max(5, clip(5) = 1.2) = 5, capped at 3 by dual_clip = 3.
+    # step 1: s = 0.5, A = -1 -> max(0.5, 0.8) = 0.8 (below the cap).
+    # step 2: s = 5, A = +1 -> max(-5, -1.2) = -1.2 (positive advantages are never capped).
+    ratios = np.array([5.0, 5.0, 0.5, 0.5, 5.0, 5.0])
+    logp = jnp.log(jnp.asarray(ratios[None], jnp.float32))
+    old = jnp.zeros((1, 6))
+    ids = jnp.array([[0, 0, 1, 1, 2, 2]])
+    adv = jnp.array([[-1.0, -1.0, 1.0]])
+    (total, denom), _ = losses.step_policy_loss(logp, old, adv, ids, clip_low=0.2, clip_high=0.2)
+    np.testing.assert_allclose(total, 5 + 0.8 - 1.2, rtol=1e-6)
+    (total, denom), _ = losses.step_policy_loss(logp, old, adv, ids, clip_low=0.2, clip_high=0.2, dual_clip=3.0)
+    np.testing.assert_allclose(total, 3 + 0.8 - 1.2, rtol=1e-6)
+    assert float(denom) == 3
+    grad = jax.grad(lambda lp: losses.step_policy_loss(lp, old, adv, ids, dual_clip=3.0)[0][0])(logp)
+    np.testing.assert_allclose(grad[0, :2], 0.0)  # the capped step carries no gradient
+    (total, _), _ = losses.step_policy_loss(logp, old, adv, ids, clip_low=0.2, clip_high=0.2, dual_clip=3.0,
+                                            weights_bs=jnp.array([[0.5, 2.0, 1.0]]))
+    np.testing.assert_allclose(total, 0.5 * 3 + 2.0 * 0.8 - 1.2, rtol=1e-6)
+
+
+def test_behavior_weights_by_hand():
+    # log pi_old - log pi_sampler per token: step 0 [0.2, 0.4] -> exp(0.3); step 1 [-0.5] ->
+    # exp(-0.5); step 2 [1, 1, 1] -> e, capped at 2; slot 3 has no tokens -> 1.
+    old = jnp.array([[0.0, -1.0, -1.0, 0.0, -2.0, -1.0, -1.0, -1.0]])
+    sampler = jnp.array([[0.0, -1.2, -1.4, 0.0, -1.5, -2.0, -2.0, -2.0]])
+    ids = jnp.array([[-1, 0, 0, -1, 1, 2, 2, 2]])
+    w, (w_sum, n), (capped, n2) = losses.behavior_weights(old, sampler, ids, 4, cap=2.0)
+    np.testing.assert_allclose(w, [[np.exp(0.3), np.exp(-0.5), 2.0, 1.0]], rtol=1e-6)
+    np.testing.assert_allclose(w_sum, np.exp(0.3) + np.exp(-0.5) + 2.0, rtol=1e-6)
+    assert (float(n), float(capped), float(n2)) == (3.0, 1.0, 3.0)
+    w, _, (capped, _) = losses.behavior_weights(old, sampler, ids, 4, cap=3.0)
+    np.testing.assert_allclose(w[0, 2], np.e, rtol=1e-6)
+    assert float(capped) == 0.0
+
+
 def test_token_policy_loss_dual_clip_by_hand():
     logp = jnp.log(jnp.array([[1.0, 5.0, 0.5, 1.3]]))
     old = jnp.zeros((1, 4))

@@ -178,6 +178,50 @@ def test_context_limit_truncates(tok):
     assert rec.truncated and not rec.terminated and len(rec.tokens) <= 80
 
 
+@pytest.mark.parametrize("window", [None, 1])
+def test_bootstrap_reads_the_state_where_the_next_steps_value_is_trained(tok, window):
+    """Cut after step 0 (max_steps=1), the trajectory keeps its final observation; its bootstrap
+    position is where the uncut run (which takes step 1 from that state) reads V for step 1:
+    the same tokens up to the same position, in packed rows and in step rows."""
+    runs = []
+    for steps in (1, 2):
+        sampler = ScriptedSampler(tok, 1, lambda r, k: "ab")
+        engine, _ = engine_with(tok, sampler, make_env=CountingEnv, max_steps=steps, history_window=window)
+        runs.append(engine.collect([(0, 0)], 1, jax.random.key(0))[0])
+    cut, full = runs
+    assert cut.truncated and cut.has_final_state and cut.num_steps == 1 and full.terminated
+    layouts = [lambda recs: step_rows_batch(recs, 2, pack=False)]
+    if window is None:
+        layouts.append(lambda recs: packed_batch(recs, 2))
+    for layout in layouts:
+        a, b = validate(layout([cut])), validate(layout([full]))
+        assert not a.terminated[0]
+        (row,), (pos,) = (np.asarray(x) for x in a.bootstrap_index())
+        trained = [(r, k) for r in range(b.batch_size) for k in range(b.num_slots)
+                   if b.slot_mask()[r, k] and (b.packed and k == 1 or not b.packed and b.step_index[r, k] == 1)]
+        (r1, k1), = trained
+        assert pos == b.value_pos[r1, k1]
+        np.testing.assert_array_equal(a.tokens[row, :pos + 1], b.tokens[r1, :pos + 1])
+
+
+class LongObservationEnv(CountingEnv):
+    """Never ends; its observation is longer than any context left."""
+
+    def step(self, action_text):
+        return StepResult([{"role": "tool", "content": "o " * 100}], 0.0, False, False, "s", {})
+
+
+def test_an_observation_past_the_context_leaves_nothing_to_bootstrap(tok):
+    sampler = ScriptedSampler(tok, 1, lambda r, k: "ab")
+    engine, _ = engine_with(tok, sampler, make_env=LongObservationEnv, max_context=80)
+    rec = engine.collect([(0, 0)], 1, jax.random.key(0))[0]
+    assert rec.truncated and rec.overflowed and not rec.has_final_state and rec.num_steps == 1
+    assert rec.tokens[-1] == tok.convert_tokens_to_ids("<|im_end|>")  # the reply ends the stream
+    assert validate(packed_batch([rec], 2)).terminated[0]  # bootstrap 0, not V after the reply
+    rows = validate(step_rows_batch([rec], 2))
+    assert rows.terminated[0] and rows.bootstrap_row[0] == -1
+
+
 def test_history_window_rebuilds_prompts_as_step_rows(tok):
     sampler = ScriptedSampler(tok, 2, lambda r, k: "ab")
     engine, _ = engine_with(tok, sampler, make_env=CountingEnv, history_window=0)

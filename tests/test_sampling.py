@@ -39,6 +39,27 @@ def _trainer_logprobs(model, seq, temperature=1.0):
     return np.asarray(token_logprobs(logits, tokens, temperature))[0]
 
 
+def truncated_logprobs(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """Log-probs [V] (float64, -inf off the kept tokens) of the distribution sampled from, by
+    its definition: logits / temperature; the top_k largest kept; then the most likely tokens
+    until their mass reaches top_p (a token is kept if the mass strictly above it is < top_p;
+    ties with the last one kept); renormalised over the kept tokens."""
+    z = np.asarray(logits, np.float64) / temperature
+    keep = np.ones(z.shape, bool)
+    if top_k:
+        keep &= z >= np.sort(z)[-top_k]
+    if top_p < 1.0:
+        p = np.where(keep, np.exp(z - z[keep].max()), 0.0)
+        p /= p.sum()
+        desc = np.sort(p)[::-1]
+        above = np.cumsum(desc) - desc
+        keep &= p >= desc[above < top_p].min()
+    out = np.full(z.shape, -np.inf)
+    kept = z[keep] - z[keep].max()
+    out[keep] = kept - np.log(np.exp(kept).sum())
+    return out
+
+
 def _greedy_recompute(model, prompt, n):
     seq = list(prompt)
     for _ in range(n):
@@ -62,8 +83,10 @@ def test_cached_greedy_equals_recompute_and_trainer_logprobs(model):
                                       SamplingParams(temperature=1.3, top_p=0.8),
                                       SamplingParams()])
 def test_multiturn_continuation_matches_full_history(model, sampling):
-    """Three turns with observations; each turn's log-probs equal the trainer's forward over the
-    whole packed history, and the history equals what a fresh sampler re-prefilling it sees."""
+    """Three turns with observations; each turn's log-probs are those of the truncated
+    distribution of the trainer's forward over the whole packed history (the trainer's own
+    log-probs without top-k/top-p), and the history equals what a fresh sampler re-prefilling
+    it sees."""
     rng = np.random.default_rng(0)
     b = 3
     s = Sampler(model, batch_size=b, capacity=128, max_new_tokens=8, sampling=sampling)
@@ -75,8 +98,13 @@ def test_multiturn_continuation_matches_full_history(model, sampling):
         out = s.step(new, [[1, 2], [3], [4, 5, 6]], sub, reset=turn == 0)
         for r in range(b):
             seq = history[r] + out.tokens[r]
-            lp = _trainer_logprobs(model, seq, sampling.temperature)[len(history[r]):]
+            logits = _logits(model, seq)[len(history[r]) - 1:-1]
+            lp = [truncated_logprobs(z, sampling.temperature, sampling.top_k, sampling.top_p)[t]
+                  for z, t in zip(logits, out.tokens[r])]
             np.testing.assert_allclose(out.logprobs[r], lp, atol=1e-5)
+            if sampling.top_k == 0 and sampling.top_p == 1.0:
+                trainer = _trainer_logprobs(model, seq, sampling.temperature)[len(history[r]):]
+                np.testing.assert_allclose(out.logprobs[r], trainer, atol=1e-5)
             if out.stopped[r]:
                 assert out.tokens[r][-1] in ([1, 2], [3], [4, 5, 6])[r]
             history[r] = seq
@@ -171,17 +199,34 @@ def test_select_tokens_filters():
     keys = jax.random.split(jax.random.key(0), 2000)
     tok, lp = select_tokens(logits, keys, SamplingParams(top_k=2))
     assert set(np.unique(tok)) == {0, 1}
-    np.testing.assert_allclose(lp, np.log(np.array([0.5, 0.3, 0.15, 0.05]))[np.asarray(tok)], atol=1e-6)
-    tok, _ = select_tokens(logits, keys, SamplingParams(top_p=0.75))  # keeps {0, 1}
+    # the log-probs of the truncated distribution sampled from: 0.5 / 0.8 and 0.3 / 0.8
+    np.testing.assert_allclose(lp, np.log(np.array([0.625, 0.375]))[np.asarray(tok)], atol=1e-6)
+    tok, lp = select_tokens(logits, keys, SamplingParams(top_p=0.75))  # keeps {0, 1}
     assert set(np.unique(tok)) == {0, 1}
-    tok, _ = select_tokens(logits, keys, SamplingParams(top_p=0.4))
+    np.testing.assert_allclose(lp, np.log(np.array([0.625, 0.375]))[np.asarray(tok)], atol=1e-6)
+    tok, lp = select_tokens(logits, keys, SamplingParams(top_p=0.4))
     assert set(np.unique(tok)) == {0}
+    np.testing.assert_allclose(lp, 0.0, atol=1e-6)  # one token left: probability 1
     tok, _ = select_tokens(logits, keys, SamplingParams())
     freq = np.bincount(np.asarray(tok), minlength=4) / 2000
     np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.05)
     tok, lp = select_tokens(logits, keys, SamplingParams(greedy=True, temperature=2.0))
     assert (np.asarray(tok) == 0).all()
     np.testing.assert_allclose(lp, jax.nn.log_softmax(logits[0] / 2.0)[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 5, 1.0), (1.3, 0, 0.8), (1.0, 7, 0.6), (0.9, 0, 1.0)])
+def test_select_tokens_logprobs_are_the_truncated_distributions(temperature, top_k, top_p):
+    """Random logits of 4 rows: each sampled token's log-prob equals log softmax of the
+    truncated, renormalised logits of the numpy reference, and only kept tokens are drawn."""
+    logits = jax.random.normal(jax.random.key(0), (4, 40)) * 2.0
+    ref = np.stack([truncated_logprobs(z, temperature, top_k, top_p) for z in np.asarray(logits)])
+    for seed in range(3):
+        keys = jax.random.split(jax.random.key(seed), 4)
+        tok, lp = select_tokens(logits, keys, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p))
+        picked = ref[np.arange(4), np.asarray(tok)]
+        assert np.all(np.isfinite(picked))
+        np.testing.assert_allclose(lp, picked, atol=1e-5)
 
 
 def test_bf16_sampler_close_to_trainer():

@@ -9,6 +9,8 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from steppo_jax import credit
+from steppo_jax.estimators import EstimatorConfig, get_estimator
 from steppo_jax.models import Decoder, ModelConfig
 from steppo_jax.rollout import TrajectoryRecord, packed_batch, step_rows_batch
 from steppo_jax.rollout.records import first_fit_decreasing
@@ -39,6 +41,8 @@ def make_records(seed: int, num: int = 8, rebuilt: bool = True) -> list[Trajecto
             r.rewards.append(float(rng.choice([0.0, 1.0, -0.5])))
             r.anchors.append(int(rng.integers(0, 3)))
         r.terminated = bool(rng.random() < 0.5)
+        if rebuilt and not r.terminated:
+            r.contexts.append(ids(rng.integers(2, 24)))  # the final state: what a next step would see
         records.append(r)
     return records
 
@@ -58,9 +62,10 @@ def test_first_fit_decreasing_packs_longest_first_into_the_first_bin_with_room()
 
 def test_a_step_row_longer_than_the_rows_is_named():
     records = make_records(0)
-    longest = max(range(len(records)), key=lambda i: records[i].step_row_len(0))
-    n = records[longest].step_row_len(0)
-    with pytest.raises(ValueError, match=rf"step row \({longest}, 0\) has {n} tokens > seq_len={n - 1}"):
+    lengths = {(i, k): r.step_row_len(k) for i, r in enumerate(records) for k in range(r.num_steps)}
+    n = max(lengths.values())
+    i, k = min(key for key, m in lengths.items() if m == n)  # the first step row that does not fit
+    with pytest.raises(ValueError, match=rf"step row \({i}, {k}\) has {n} tokens > seq_len={n - 1}"):
         step_rows_batch(records, S, seq_len=n - 1)
 
 
@@ -74,7 +79,8 @@ def test_rows_are_the_fewest_multiple_of_row_multiple(row_multiple):
         used = int(np.sum(batch.seq_lens > 0))
         assert batch.batch_size % row_multiple == 0 and batch.batch_size < used + row_multiple
         assert int(np.sum(batch.slot_mask())) == steps
-    assert int(np.sum(one_per_row.seq_lens > 0)) == steps
+    finals = sum(not r.terminated for r in records)  # a final state per truncated trajectory
+    assert int(np.sum(one_per_row.seq_lens > 0)) == steps + finals
     assert packed.batch_size < one_per_row.batch_size and packed.num_slots > 1
     assert packed.num_slots & (packed.num_slots - 1) == 0  # a power of two
     trajectories = validate(packed_batch(make_records(1, num=12, rebuilt=False), S, row_multiple=row_multiple))
@@ -132,3 +138,44 @@ def test_loss_and_gradients_match_one_step_per_row():
     for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b), strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
     assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads_a)) > 1e-4
+
+
+def prefix_values(batch) -> np.ndarray:
+    """A causal stand-in critic [B, T]: the value at p depends only on the tokens of p's
+    segment (its row without segments) up to p, as a decoder's would."""
+    seg = batch.segment_ids if batch.segment_ids is not None else np.zeros_like(batch.tokens)
+    values = np.zeros(batch.tokens.shape, np.float32)
+    for r in range(batch.batch_size):
+        acc = 0.0
+        for t in range(batch.seq_len):
+            acc = (0.0 if t == 0 or seg[r, t] != seg[r, t - 1] else 0.7 * acc) + np.sin(batch.tokens[r, t])
+            values[r, t] = acc
+    return values
+
+
+@pytest.mark.parametrize("rebuilt", [False, True])
+def test_packed_trajectories_and_step_rows_give_the_same_credit_when_truncated(rebuilt):
+    """Truncated trajectories ending in a final observation: the final state is the packed
+    row's end, a segment of its own in step rows (packed several to a row or one per row);
+    the same bootstrap values, advantages and returns in every layout."""
+    records = make_records(4, rebuilt=rebuilt)
+    truncated = np.array([not r.terminated for r in records])
+    assert truncated.sum() >= 2
+    est, cfg = get_estimator("step_gae"), EstimatorConfig(gamma=0.9, lam=0.8, whiten=False)
+
+    @jax.jit
+    def grid_credit(batch, values):
+        out = est.fn(batch, values, cfg)
+        adv_bs = credit.step_sums(out.advantages_bt, batch.step_ids, batch.num_slots)
+        adv_bs = adv_bs / jnp.maximum(credit.step_counts(batch.step_ids, batch.num_slots), 1)
+        return batch.to_grid(adv_bs), batch.to_grid(out.returns_bs), batch.bootstrap_values(values)
+
+    layouts = [step_rows_batch(records, S, seq_len=64), step_rows_batch(records, S, pack=False)]
+    if not rebuilt:
+        layouts.append(packed_batch(records, S))
+    results = [jax.device_get(grid_credit(validate(b), prefix_values(b))) for b in layouts]
+    results = [(adv, ret, boot[truncated]) for adv, ret, boot in results]
+    assert np.all(results[0][2] != 0)
+    for other in results[1:]:
+        for a, b in zip(other, results[0]):
+            np.testing.assert_allclose(a, b, atol=1e-5)

@@ -137,7 +137,9 @@ def test_step_rows_layout_packs_steps_and_reports_the_packing(tmp_path):
     metrics = trainer.step()
     batch = validate(layouts[0])
     steps = int(batch.slot_mask().sum())
-    assert batch.segment_ids is not None and batch.num_slots > 1 and batch.batch_size < steps
+    finals = int(np.sum(batch.bootstrap_row >= 0))  # a final-state segment per truncated trajectory
+    assert finals == int(np.sum(batch.step_mask[:, 0] & ~batch.terminated))
+    assert batch.segment_ids is not None and batch.num_slots > 1 and batch.batch_size < steps + finals
     assert batch.batch_size % trainer.rt.row_multiple() == 0
     assert metrics["skipped_updates"] == 0 and metrics["rows"] == batch.batch_size
     assert metrics["tokens/real"] == batch.seq_lens.sum()
@@ -156,6 +158,16 @@ def test_step_rows_layout_packs_steps_and_reports_the_packing(tmp_path):
     trainer.rt.layout = holed
     with pytest.raises(BatchError, match="step_mask"):
         trainer.step()
+
+
+def test_top_k_sampling_gives_step_weights_below_one(tmp_path):
+    """With top-k the sampler's log-probs (of the truncated distribution) are at least the
+    trainer's recomputed (untruncated) ones, so every step's TIS weight is at most 1."""
+    cfg = tiny_config(tmp_path, "rollout.top_k=5", "algo.behavior_weight_cap=2", "rollout.tasks_per_iter=2",
+                      "train.iterations=1", "model.n_layers=1", "optim.epochs=1", "optim.minibatches=1")
+    metrics = Trainer(cfg, log=lambda _: None).step()
+    assert 0 < metrics["behavior/weight_mean"] < 1 and metrics["behavior/weight_capped_frac"] == 0
+    assert metrics["sampler_logp_gap"] > 0 and metrics["skipped_updates"] == 0
 
 
 def test_environment_failures_are_counted_not_fatal(tmp_path):

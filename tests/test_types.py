@@ -44,7 +44,7 @@ def test_worked_example_is_valid_and_matches_the_generator():
 def test_generated_batches_are_valid(seed):
     trajs = random_trajectories(np.random.default_rng(seed), 9, 5)
     validate(packed_batch(trajs, 5))
-    validate(step_rows_batch([dataclasses.replace(t, final_obs=0) for t in trajs], 5))
+    validate(step_rows_batch(trajs, 5))
 
 
 def ids_with(change):
@@ -80,7 +80,7 @@ def test_validate_names_field_and_rule(case):
 
 
 def test_validate_rejects_bad_layout():
-    trajs = [dataclasses.replace(t, final_obs=0) for t in random_trajectories(np.random.default_rng(0), 6, 3, empty_frac=0)]
+    trajs = random_trajectories(np.random.default_rng(0), 6, 3, empty_frac=0)
     rows = step_rows_batch(trajs, 3)
     ti = np.array(rows.traj_index)
     ti[1, 0] = ti[0, 0]  # two slots claim one grid step, another step is left uncovered
@@ -100,9 +100,10 @@ def two_packed_steps() -> StepBatch:
         seq_lens=np.array([6], np.int32), value_pos=np.array([[0, 4]], np.int32),
         old_logp=np.zeros((1, 8), np.float32), ref_logp=np.zeros((1, 8), np.float32),
         step_rewards=np.array([[0.0, 1.0]], np.float32), step_mask=np.array([[True, True]]),
-        anchor_ids=np.zeros((1, 2), np.int32), terminated=np.array([False]), group_ids=np.array([0], np.int32),
+        anchor_ids=np.zeros((1, 2), np.int32), terminated=np.array([True]), group_ids=np.array([0], np.int32),
         traj_index=np.array([[0, 0]], np.int32), step_index=np.array([[0, 1]], np.int32),
-        segment_ids=np.array([[1, 1, 1, 2, 2, 2, 0, 0]], np.int32))
+        segment_ids=np.array([[1, 1, 1, 2, 2, 2, 0, 0]], np.int32),
+        bootstrap_row=np.array([-1], np.int32), bootstrap_pos=np.array([-1], np.int32))
 
 
 @pytest.mark.parametrize("segments, message", [
@@ -117,11 +118,41 @@ def test_validate_checks_segments(segments, message):
         validate(replace(two_packed_steps(), segment_ids=np.array([segments], np.int32)))
 
 
-def test_bootstrap_reads_the_last_action_of_the_last_step_not_the_row_end():
-    batch = two_packed_steps()
-    assert [int(x[0]) for x in batch.bootstrap_index()] == [0, 5]
-    last_step_first = validate(replace(batch, step_index=np.array([[1, 0]], np.int32)))
-    assert [int(x[0]) for x in last_step_first.bootstrap_index()] == [0, 2]
+def truncated_step_rows() -> StepBatch:
+    """``two_packed_steps`` cut after step 1 (not terminated), its final state packed in the
+    same row: [p a a | p p b | p b o] + 3 padding tokens; the final state's token is 8."""
+    ids = np.array([[-1, 0, 0, -1, -1, 1, -1, -1, -1, -1, -1, -1]], np.int32)
+    tokens = np.array([[5, 6, 7, 5, 8, 9, 5, 9, 4, 0, 0, 0]], np.int32)
+    return dataclasses.replace(
+        two_packed_steps(), tokens=tokens, action_mask=ids >= 0, step_ids=ids, seq_lens=np.array([9], np.int32),
+        old_logp=np.zeros((1, 12), np.float32), ref_logp=np.zeros((1, 12), np.float32),
+        terminated=np.array([False]), segment_ids=np.array([[1, 1, 1, 2, 2, 2, 3, 3, 3, 0, 0, 0]], np.int32),
+        bootstrap_row=np.array([0], np.int32), bootstrap_pos=np.array([8], np.int32))
+
+
+def test_bootstrap_reads_the_final_state_segment():
+    batch = validate(truncated_step_rows())
+    assert [int(x[0]) for x in batch.bootstrap_index()] == [0, 8]
+    values = jnp.arange(12, dtype=jnp.float32)[None] * 10
+    assert float(batch.bootstrap_values(values)[0]) == 80.0
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(bootstrap_pos=[7]), "last token of its segment"),
+    (dict(bootstrap_pos=[5]), "no action tokens"),  # the last step's reply: a state the critic never sees
+    (dict(bootstrap_pos=[10]), "not a real token"),
+    (dict(bootstrap_row=[1]), "not a real token"),
+])
+def test_validate_checks_the_bootstrap_position(fields, message):
+    with pytest.raises(BatchError, match=message):
+        validate(replace(truncated_step_rows(), **{k: np.array(v, np.int32) for k, v in fields.items()}))
+
+
+def test_validate_requires_bootstrap_fields_for_step_rows_only():
+    with pytest.raises(BatchError, match="bootstrap_row: is required"):
+        validate(dataclasses.replace(truncated_step_rows(), bootstrap_row=None))
+    with pytest.raises(BatchError, match="bootstrap_pos: is for per-step rows only"):
+        validate(dataclasses.replace(worked_example(), bootstrap_pos=np.zeros((1,), np.int32)))
 
 
 def test_rows_grid_round_trip():

@@ -4,6 +4,7 @@ scores), and no [B, T, V] logits are ever built."""
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import jax
@@ -16,7 +17,8 @@ from flax import nnx
 from steppo_jax.models import Critic, Decoder, ModelConfig, ValueHead
 from steppo_jax.train.config import AlgoSection
 from steppo_jax.train.state import Models, TrainState
-from steppo_jax.train.update import TrainBatch, make_update, score
+from steppo_jax.train.update import TrainBatch, behavior_policy, loss_terms, make_update, score
+from tests.step_data import packed_batch, random_trajectories
 
 ROOT = Path(__file__).resolve().parent.parent
 V, B, T, S = 37, 8, 16, 3
@@ -54,7 +56,8 @@ def random_batch(seed=0) -> TrainBatch:
                       old_logp=np.where(act, -3.6 + 0.3 * f(B, T), 0).astype(np.float32),
                       ref_logp=(-3.6 + 0.3 * f(B, T)), adv_bt=np.where(act, f(B, T), 0).astype(np.float32),
                       returns_bt=f(B, T), old_values_bt=f(B, T), value_pos=value_pos, slot_mask=slot_mask,
-                      returns_bs=f(B, S), segment_ids=None)
+                      returns_bs=f(B, S), behavior_weight_bs=rng.uniform(0.5, 2.0, (B, S)).astype(np.float32),
+                      segment_ids=None)
 
 
 # both policy losses, every aggregation, both critic levels; a decoder's update takes seconds to
@@ -68,7 +71,7 @@ CASES = [("step", "step_mean_token_mean", "shared", "step"), ("token", "token_me
 @pytest.mark.parametrize("policy_loss,aggregation,critic,level", CASES)
 def test_micro_batched_update_equals_whole_minibatch(policy_loss, aggregation, critic, level):
     algo = AlgoSection(policy_loss=policy_loss, aggregation=aggregation, entropy_coef=0.1, kl_coef=0.05,
-                       dual_clip=3.0 if policy_loss == "token" else None, clip_low=0.05, clip_high=0.05)
+                       dual_clip=3.0, clip_low=0.05, clip_high=0.05, behavior_weight_cap=2.0)
     models, params = models_and_params(critic, level)
     tx = optax.sgd(1.0)  # params move by the gradient itself (Adam's first step would hide its scale)
     state = TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
@@ -82,6 +85,46 @@ def test_micro_batched_update_equals_whole_minibatch(policy_loss, aggregation, c
         np.testing.assert_allclose(m_micro[key], m_whole[key], rtol=1e-5, atol=1e-6, err_msg=key)
     for x, y in zip(jax.tree.leaves(micro.params), jax.tree.leaves(whole.params)):
         np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+def test_behavior_policy_picks_pi_old_and_weighs_steps():
+    """recomputed: pi_old = the trainer's log-probs, weights = capped geometric-mean ratio of
+    them to the sampler's; sampler: pi_old = the sampler's log-probs, weights 1."""
+    rng = np.random.default_rng(0)
+    batch = packed_batch(random_trajectories(rng, 6, 3, empty_frac=0), 3)
+    shift = rng.normal(scale=0.5, size=batch.tokens.shape).astype(np.float32)
+    logp = np.where(batch.action_mask, batch.old_logp + shift, 7.0).astype(np.float32)  # 7: off-action junk
+    cap = 1.2
+    new, weights, metrics = behavior_policy(batch, logp, algo=AlgoSection(behavior_weight_cap=cap))
+    np.testing.assert_allclose(new.old_logp, np.where(batch.action_mask, logp, 0.0))
+    want = np.ones((6, 3))
+    for b in range(6):
+        for k in range(3):
+            on = batch.step_ids[b] == k
+            if on.any():
+                want[b, k] = min(np.exp(np.mean(shift[b][on])), cap)
+    np.testing.assert_allclose(weights, want, rtol=1e-5)
+    valid = batch.step_mask
+    np.testing.assert_allclose(metrics["behavior/weight_mean"], want[valid].mean(), rtol=1e-5)
+    np.testing.assert_allclose(metrics["behavior/weight_capped_frac"], np.mean(want[valid] == cap), rtol=1e-5)
+    assert 0 < metrics["behavior/weight_capped_frac"] < 1
+    same, ones, none = behavior_policy(batch, logp, algo=AlgoSection(behavior_logp="sampler"))
+    np.testing.assert_array_equal(same.old_logp, batch.old_logp)
+    np.testing.assert_array_equal(ones, np.ones((6, 3)))
+    assert none == {}
+
+
+def test_behavior_weights_scale_each_steps_policy_loss():
+    mb = random_batch()
+    logp = jnp.asarray(mb.old_logp) + 0.1
+    zeros = jnp.zeros_like(logp)
+    models = types.SimpleNamespace(critic_level=None)
+    for policy_loss in ("step", "token"):
+        off, on = (loss_terms(logp, zeros, zeros, mb._replace(behavior_weight_bs=np.full((B, S), 2.0, np.float32)),
+                              models, AlgoSection(policy_loss=policy_loss, behavior_weight_cap=cap))[0]
+                   for cap in (0.0, 3.0))
+        np.testing.assert_allclose(on["policy_loss"][0], 2.0 * off["policy_loss"][0], rtol=1e-6)
+        assert float(on["policy_loss"][1]) == float(off["policy_loss"][1])  # denominators unchanged
 
 
 def test_micro_batched_scores_equal_whole_batch():

@@ -121,7 +121,9 @@ class RolloutEngine:
                 for i in live:
                     new[i] = self._window_prompt(records[i], opening[i])
                     if len(new[i]) + self.sampler.max_new_tokens > self.settings.max_context:
-                        records[i].truncated, records[i].live = True, False  # the window does not fit
+                        # no room for a reply; without room for the window itself, no state either
+                        records[i].truncated, records[i].live = True, False
+                        records[i].overflowed = len(new[i]) > self.settings.max_context
                     else:
                         records[i].contexts.append(new[i])
                 live = [i for i in live if records[i].live]
@@ -144,9 +146,15 @@ class RolloutEngine:
             for i, res in zip(live, results):
                 self._advance(records[i], res, bool(out.stopped[i]), k, new, i)
             timings.glue_s += time.perf_counter() - t0
-        for rec in records:
+        for rec, first in zip(records, opening):
             if rec.live:  # ran out of steps without the environment ending the episode
                 rec.truncated, rec.live = True, False
+            if rec.contexts is not None and rec.has_final_state:  # the context a next step would see
+                final = self._window_prompt(rec, first)
+                if len(final) > self.settings.max_context:
+                    rec.overflowed = True  # no room for the state itself: bootstrap 0
+                else:
+                    rec.contexts.append(final)
         return records
 
     def _advance(self, rec: TrajectoryRecord, res, closed: bool, k: int, new: list, i: int) -> None:
@@ -166,15 +174,17 @@ class RolloutEngine:
         if step.done:
             return
         delta = self.codec.delta(step.messages, reply_closed=closed) if step.messages else []
-        grows = self.settings.history_window is None  # else the next window is checked when built
-        if grows and len(rec.tokens) + len(delta) + self.sampler.max_new_tokens > self.settings.max_context:
-            rec.truncated, rec.live = True, False  # the next step would not fit
+        grows = self.settings.history_window is None  # else each window is checked when it is built
+        if grows and len(rec.tokens) + len(delta) > self.settings.max_context:
+            rec.truncated, rec.overflowed, rec.live = True, True, False  # no state to bootstrap from
             return
-        # The observation is kept even after the last step: the bootstrap value of a
-        # truncated trajectory reads the state that includes it.
+        # The observation is kept even when no step follows: the bootstrap value of a
+        # truncated trajectory reads the state that includes it (see steppo_jax.types).
         rec.append_context(delta)
         new[i] = delta
-        if rec.live and not last_step:
+        if grows and len(rec.tokens) + self.sampler.max_new_tokens > self.settings.max_context:
+            rec.truncated, rec.live = True, False  # the next step would not fit
+        elif rec.live and not last_step:
             rec.anchors.append(anchor_id(step.anchor))
         elif last_step:
             rec.truncated, rec.live = not rec.terminated, False

@@ -31,8 +31,12 @@ class TrajectoryRecord:
     step_spans: [start, end) of each reply in ``tokens``.
     logprobs: behaviour log-prob of every token of ``tokens`` (0 off-action).
     contexts: per step, the context ids the reply was sampled from when the environment
-      rebuilds the prompt each step (history windows); None when contexts only grow.
+      rebuilds the prompt each step (history windows); None when contexts only grow. A
+      trajectory with a final state has one more: ``contexts[num_steps]``, the context the
+      next step would have been sampled from.
     rewards, anchors: per step; anchors[k] is the state before step k.
+    overflowed: the episode was cut because its final observation did not fit in the
+      context: the state after the last step is not recorded (bootstrap 0).
     """
 
     task_id: int
@@ -51,6 +55,7 @@ class TrajectoryRecord:
     failed: str | None = None
     success: bool = False
     invalid_calls: int = 0
+    overflowed: bool = False
     live: bool = True
 
     def append_context(self, ids: Sequence[int]) -> None:
@@ -79,6 +84,25 @@ class TrajectoryRecord:
         """Tokens of the row for step k (``len(self.step_row(k)[0])`` without building it)."""
         start, end = self.step_spans[k]
         return end if self.contexts is None else len(self.contexts[k]) + end - start
+
+    @property
+    def has_final_state(self) -> bool:
+        """The episode was cut (not terminated) after at least one step and the state after its
+        last step is recorded: its value bootstraps the return."""
+        return self.failed is None and not self.terminated and not self.overflowed and self.num_steps > 0
+
+    def final_row(self) -> list[int] | None:
+        """Ids of the final state (the context the next step would have been sampled from, its
+        last token the bootstrap position), or None without one: the whole stream when
+        contexts grow (it ends with the final observation), else ``contexts[num_steps]``."""
+        if not self.has_final_state:
+            return None
+        if self.contexts is None:
+            return self.tokens
+        if len(self.contexts) <= self.num_steps:
+            raise ValueError(f"a truncated trajectory of {self.num_steps} steps with rebuilt contexts needs "
+                             f"contexts[{self.num_steps}] (the context after its last step) to bootstrap from")
+        return self.contexts[self.num_steps]
 
     def stats(self) -> dict[str, Any]:
         return {"steps": self.num_steps, "tokens": len(self.tokens),
@@ -144,7 +168,7 @@ def _grid(records: Sequence[TrajectoryRecord], num_steps: int, num_traj: int | N
         out["step_rewards"][i, :k] = r.rewards
         out["step_mask"][i, :k] = True
         out["anchor_ids"][i, :k] = r.anchors[:k]
-        out["terminated"][i] = r.terminated
+        out["terminated"][i] = not r.has_final_state
     return out
 
 
@@ -153,7 +177,9 @@ def packed_batch(records: Sequence[TrajectoryRecord], num_steps: int, seq_len: i
     """One row per trajectory: [B = N, T] tokens, slots == steps (numpy arrays).
 
     T = ``seq_len`` or the bucketed longest trajectory; B = ``num_rows`` or the number of
-    records rounded up to ``row_multiple``, the rows after the records empty (no steps).
+    records rounded up to ``row_multiple``, the rows after the records empty (no steps). A
+    truncated trajectory's row ends with its final state (bootstrap at its last token); one
+    without (``overflowed``) is marked ``terminated``.
     """
     if any(r.contexts is not None for r in records):
         raise ValueError("these trajectories rebuild their context each step: use step_rows_batch")
@@ -183,29 +209,36 @@ def step_rows_batch(records: Sequence[TrajectoryRecord], num_steps: int, *, pack
     """Per-step rows: each (trajectory, step) is the context the policy saw plus its reply.
 
     With ``pack`` several step rows share a row of T tokens (first-fit decreasing by length),
-    one segment each: segment ids 1, 2, ... in the order of the row's slots, 0 on the padding
+    one segment each: segment ids 1, 2, ... in the order of the row's segments, 0 on the padding
     (so padding never shares a segment with real tokens); positions restart and attention
     stays within each segment. Without it each row holds one step row. Slot j of a row is its
     j-th segment: ``step_ids`` j on its reply, ``traj_index``/``step_index`` [B, S_row] its
-    grid cell, ``value_pos`` the token before its reply.
+    grid cell, ``value_pos`` the token before its reply. Each truncated trajectory adds one
+    more row, its final state (``TrajectoryRecord.final_row``), packed with the others after
+    a row's step rows: ``bootstrap_row``/``bootstrap_pos`` [N] name it and its last token.
 
-    T = ``seq_len`` or the bucketed longest step row; B = ``num_rows`` or the rows used
+    T = ``seq_len`` or the bucketed longest step row or final state; B = ``num_rows`` or the rows used
     rounded up to ``row_multiple``; S_row = ``num_slots`` or the most steps in one row,
     rounded up to a power of two (a few static shapes). Raises ``ValueError`` naming a step
     row longer than T, or when the rows or slots given are too few.
     """
     pairs = [(i, k) for i, r in enumerate(records) if r.failed is None for k in range(r.num_steps)]
     rows = [records[i].step_row(k) for i, k in pairs]
-    lengths = [len(ids) for ids, _, _ in rows]
+    finals = [(i, ids) for i, r in enumerate(records) if (ids := r.final_row()) is not None]
+    lengths = [len(ids) for ids, _, _ in rows] + [len(ids) for _, ids in finals]
     T = seq_len or bucket_len(max(lengths, default=1))
     for (i, k), n in zip(pairs, lengths):
         if n > T:
             raise ValueError(f"step row ({i}, {k}) has {n} tokens > seq_len={T}")
-    bins = first_fit_decreasing(lengths, T) if pack else [[j] for j in range(len(pairs))]
+    for (i, _), n in zip(finals, lengths[len(pairs):]):
+        if n > T:
+            raise ValueError(f"the final state of trajectory {i} has {n} tokens > seq_len={T}")
+    # bins list item indices in increasing order: a row's step rows before its final states
+    bins = first_fit_decreasing(lengths, T) if pack else [[j] for j in range(len(lengths))]
     R = num_rows or round_up(len(bins), row_multiple)
     if len(bins) > R:
-        raise ValueError(f"{len(pairs)} steps need {len(bins)} rows > num_rows={R}")
-    most = max((len(b) for b in bins), default=1)
+        raise ValueError(f"{len(pairs)} steps and {len(finals)} final states need {len(bins)} rows > num_rows={R}")
+    most = max((sum(j < len(pairs) for j in b) for b in bins), default=1)
     S_row = num_slots or bucket_len(most, minimum=1)
     if most > S_row:
         raise ValueError(f"a row packs {most} steps > num_slots={S_row}")
@@ -213,21 +246,29 @@ def step_rows_batch(records: Sequence[TrajectoryRecord], num_steps: int, *, pack
     f["traj_index"] = np.full((R, S_row), -1, np.int32)
     f["step_index"] = np.full((R, S_row), -1, np.int32)
     f["segment_ids"] = np.zeros((R, T), np.int32)
+    grid = _grid(records, num_steps)
+    N = len(grid["terminated"])
+    f["bootstrap_row"], f["bootstrap_pos"] = np.full((N,), -1, np.int32), np.full((N,), -1, np.int32)
     for row, members in enumerate(bins):
         pos = 0
-        for slot, j in enumerate(members):
-            (i, k), (ids, logp, start) = pairs[j], rows[j]
-            end = pos + len(ids)
+        for seg, j in enumerate(members):  # a row's step rows come first: slot == seg for them
+            if j < len(pairs):
+                (i, k), (ids, logp, start) = pairs[j], rows[j]
+                end = pos + len(ids)
+                f["old_logp"][row, pos + start:end] = logp[start:]
+                f["action_mask"][row, pos + start:end] = True
+                f["step_ids"][row, pos + start:end] = seg
+                f["value_pos"][row, seg] = pos + start - 1
+                f["traj_index"][row, seg], f["step_index"][row, seg] = i, k
+            else:
+                i, ids = finals[j - len(pairs)]
+                end = pos + len(ids)
+                f["bootstrap_row"][i], f["bootstrap_pos"][i] = row, end - 1
             f["tokens"][row, pos:end] = ids
-            f["segment_ids"][row, pos:end] = slot + 1
-            f["old_logp"][row, pos + start:end] = logp[start:]
-            f["action_mask"][row, pos + start:end] = True
-            f["step_ids"][row, pos + start:end] = slot
-            f["value_pos"][row, slot] = pos + start - 1
-            f["traj_index"][row, slot], f["step_index"][row, slot] = i, k
+            f["segment_ids"][row, pos:end] = seg + 1
             pos = end
         f["seq_lens"][row] = pos
-    return StepBatch(**f, **_grid(records, num_steps))
+    return StepBatch(**f, **grid)
 
 
 def _rows(B: int, T: int, S_row: int) -> dict[str, np.ndarray]:

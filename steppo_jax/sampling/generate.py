@@ -38,7 +38,8 @@ class DecodeState:
 
 
 class Generation(NamedTuple):
-    """tokens, logprobs [B, max_new] (zero past `lengths`); lengths [B]; stopped [B] (ended on a
+    """tokens, logprobs [B, max_new] (zero past `lengths`; log-probs under the distribution each
+    token was drawn from, see `SamplingParams`); lengths [B]; stopped [B] (ended on a
     stop token rather than on max_new_tokens)."""
 
     tokens: jax.Array

@@ -53,8 +53,9 @@ class Sampler:
     The cache holds `capacity` tokens per row; each row's total (all turns, prompt, observations
     and generated tokens) must stay within it, which `step` checks before running.
 
-    Log-probs are those of softmax(logits / temperature), not truncated by top-k/top-p; they
-    equal `steppo_jax.models.token_logprobs` of the trainer's forward on the same tokens.
+    Log-probs are those of the distribution each token was drawn from (temperature, then
+    top-k/top-p truncation, renormalised: see `SamplingParams`); without top-k/top-p they equal
+    `steppo_jax.models.token_logprobs` of the trainer's forward on the same tokens.
     `set_params` swaps in new weights without recompiling.
 
     Row b samples with the key `fold_in(key, first_row + b)`: a sampler holding rows

@@ -15,8 +15,11 @@ class SamplingParams:
     """How tokens are chosen (static: a change recompiles).
 
     temperature > 0 scales logits; top_k = 0 and top_p = 1.0 disable those filters; greedy takes
-    the argmax. Reported log-probs are always those of softmax(logits / temperature), untruncated
-    by top-k/top-p (the trainer's `token_logprobs` convention), also when greedy.
+    the argmax. Reported log-probs are those of the distribution each token was drawn from:
+    softmax of the scaled logits with everything top-k/top-p removed set to -inf (renormalised
+    over the kept tokens) — the behaviour policy. Without filters that is softmax(logits /
+    temperature), the trainer's `token_logprobs`; greedy (no distribution is sampled) reports
+    that one too.
     """
 
     temperature: float = 1.0
@@ -36,11 +39,13 @@ class SamplingParams:
 def select_tokens(logits: jax.Array, keys: jax.Array, params: SamplingParams):
     """logits [B,V], keys [B] (one PRNG key per row) -> (tokens [B] int32, logprobs [B] float32).
 
-    Row b's token depends on its own logits and key only, not on the other rows."""
+    The log-prob of a sampled token is under the truncated, renormalised distribution it was
+    drawn from (see `SamplingParams`). Row b's token depends on its own logits and key only,
+    not on the other rows."""
     # [B, V] is small: gather the vocabulary so sort/top-k/categorical see whole rows
     scaled = constrain(logits.astype(jnp.float32), ("batch", None)) / params.temperature
-    logp = jax.nn.log_softmax(scaled, axis=-1)
     if params.greedy:
+        logp = jax.nn.log_softmax(scaled, axis=-1)
         tokens = jnp.argmax(scaled, axis=-1)
     else:
         masked = scaled
@@ -54,6 +59,7 @@ def select_tokens(logits: jax.Array, keys: jax.Array, params: SamplingParams):
             kept = jnp.where(before < params.top_p, desc, jnp.inf)
             threshold = jnp.min(kept, axis=-1, keepdims=True)
             masked = jnp.where(masked < threshold, -jnp.inf, masked)
+        logp = jax.nn.log_softmax(masked, axis=-1)  # -inf off the kept tokens
         keys = constrain(keys, ("batch",))
         tokens = jax.vmap(jax.random.categorical)(keys, masked)
     tokens = tokens.astype(jnp.int32)

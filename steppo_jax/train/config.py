@@ -164,7 +164,8 @@ class AlgoSection:
     clip_high: float = 0.28
     """Upper clip range: ratios above ``1 + clip_high`` are clipped."""
     dual_clip: float | None = None
-    """Dual-clip bound c > 1 for negative advantages (token loss); None disables it."""
+    """Dual-clip bound c > 1 for negative advantages: a step (token, for the token loss) with
+    A < 0 loses at most -c*A; None disables it."""
     value_clip: float | None = 0.2
     """Value clipping around the old values; None disables it."""
     value_coef: float = 0.5
@@ -177,6 +178,14 @@ class AlgoSection:
     """KL estimator (k3 is the low-variance one)."""
     kl_in_reward: bool = False
     """Fold the KL penalty into the step rewards instead of the loss."""
+    behavior_logp: Literal["recomputed", "sampler"] = "recomputed"
+    """pi_old of the ratios: ``recomputed`` by the trainer's forward before the update, or the
+    ``sampler``'s log-probs (of the truncated distribution it drew from, after top-k/top-p)."""
+    behavior_weight_cap: float = 0.0
+    """Step-level truncated importance sampling: each step's policy loss is weighted by
+    min(exp(mean over its tokens of log pi_old - log pi_sampler), cap), correcting for
+    sampling from the sampler's distribution rather than the recomputed pi_old; 0 disables
+    it. Needs ``behavior_logp: recomputed``."""
 
 
 @dataclass(frozen=True)
@@ -387,6 +396,11 @@ def _rules(cfg: Config):
     yield "algo.value_clip", a.value_clip is not None and a.value_clip <= 0, "must be > 0 or null"
     yield ("env.train_tasks", cfg.env.train_tasks is not None and cfg.env.train_tasks < r.tasks_per_iter,
            f"must be >= rollout.tasks_per_iter ({r.tasks_per_iter}): one iteration draws that many distinct tasks")
+    yield ("algo.behavior_weight_cap", a.behavior_weight_cap != 0 and a.behavior_weight_cap < 1,
+           "must be 0 (off) or >= 1")
+    yield ("algo.behavior_weight_cap", a.behavior_weight_cap != 0 and a.behavior_logp != "recomputed",
+           "needs algo.behavior_logp 'recomputed' (with the sampler's log-probs as pi_old the ratio "
+           "already corrects for the sampler)")
     yield "mesh.data", cfg.mesh.data == 0 or cfg.mesh.data < -1, "must be >= 1, or -1 for all remaining devices"
     yield "model.hf_path", m.source == "hf" and not m.hf_path, "is required when model.source is 'hf'"
     yield "model.n_heads", m.source == "tiny" and m.d_model % m.n_heads != 0, "must divide model.d_model"

@@ -299,6 +299,7 @@ def programs(cfg: Config, devices: Sequence[Any], vocab_size: int,
                        ref_logp=row(jnp.float32), adv_bt=row(jnp.float32), returns_bt=row(jnp.float32),
                        old_values_bt=row(jnp.float32), value_pos=row(jnp.int32, s.slots),
                        slot_mask=row(jnp.bool_, s.slots), returns_bs=row(jnp.float32, s.slots),
+                       behavior_weight_bs=row(jnp.float32, s.slots),
                        segment_ids=row(jnp.int32) if cfg.rollout.layout == "step_rows" else None)
     minibatch = _sds((s.minibatch,), jnp.int32, mesh)
 

@@ -36,7 +36,7 @@ from steppo_jax.train.metrics import MetricsWriter, format_line, plot_metrics, p
 from steppo_jax.train.runtime import Runtime
 from steppo_jax.train.state import build_models, copy_tree, critic_from_policy, init_state, make_optimizer
 from steppo_jax.train.tasks import TaskBatches, task_split
-from steppo_jax.train.update import TrainBatch, assign_credit, make_update, score
+from steppo_jax.train.update import TrainBatch, assign_credit, behavior_policy, make_update, score
 from steppo_jax.types import StepBatch, validate
 
 
@@ -78,17 +78,20 @@ def batch_stats(batch: StepBatch, logp, values, credit, rewards, *, critic_level
     return out | {"explained_variance": 1.0 - var(ret - v) / jnp.maximum(var(ret), 1e-8)}
 
 
-def train_batch(batch: StepBatch, logp, ref_logp, values, credit) -> TrainBatch:
-    """The update's arrays of a scored batch: its log-probs as the old ones (on the actions),
-    the reference log-probs, values [B, T] and the estimator's ``Credit``."""
+def train_batch(batch: StepBatch, logp, ref_logp, values, credit, behavior_weight_bs=None) -> TrainBatch:
+    """The update's arrays of a scored batch: ``logp`` as the old log-probs (on the actions),
+    the reference log-probs, values [B, T], the estimator's ``Credit`` and the steps'
+    importance weights [B, S_row] (``update.behavior_policy``; default 1)."""
     zeros = jnp.zeros_like(logp)
+    if behavior_weight_bs is None:
+        behavior_weight_bs = jnp.ones(batch.value_pos.shape, jnp.float32)
     return TrainBatch(
         tokens=batch.tokens, step_ids=batch.step_ids, old_logp=jnp.where(batch.action_mask, logp, 0.0),
         ref_logp=ref_logp, adv_bt=credit.advantages_bt,
         returns_bt=credit.returns_bt if credit.returns_bt is not None else zeros, old_values_bt=values,
         value_pos=batch.value_pos, slot_mask=batch.slot_mask(),
         returns_bs=credit.returns_bs if credit.returns_bs is not None else jnp.zeros(batch.value_pos.shape),
-        segment_ids=batch.segment_ids)
+        behavior_weight_bs=behavior_weight_bs, segment_ids=batch.segment_ids)
 
 
 class Trainer:
@@ -165,7 +168,7 @@ class Trainer:
     def _local_batch(self, records) -> StepBatch:
         """This process's block of the iteration's batch (numpy): length, rows and slots per
         row common to every process (the length first: it decides how step rows pack), group
-        and trajectory ids counted over the whole batch."""
+        and trajectory ids (and the rows of final states) counted over the whole batch."""
         seq_len, = distributed.max_over_processes((self.rt.seq_len(records),))
         batch = self.rt.layout(records, seq_len=seq_len)
         rows, slots = distributed.max_over_processes((batch.batch_size, batch.num_slots))
@@ -175,8 +178,9 @@ class Trainer:
         p = distributed.process_index()
         batch = batch.replace(group_ids=batch.group_ids + p * self.local_tasks)
         if not batch.packed:
-            ti = batch.traj_index
-            batch = batch.replace(traj_index=np.where(ti >= 0, ti + p * batch.num_traj, -1))
+            ti, br = batch.traj_index, batch.bootstrap_row
+            batch = batch.replace(traj_index=np.where(ti >= 0, ti + p * batch.num_traj, -1),
+                                  bootstrap_row=np.where(br >= 0, br + p * batch.batch_size, -1))
         return batch
 
     def step(self) -> dict:
@@ -211,13 +215,14 @@ class Trainer:
                                        with_ref=self.ref_params is not None, chunk=o.logprob_chunk,
                                        micro_batch_rows=o.micro_batch_rows)
         sampled = batch
-        batch = batch.replace(old_logp=jnp.where(batch.action_mask, logp, 0.0), ref_logp=ref_logp)
+        batch, behavior_weight, behavior = behavior_policy(batch, logp, algo=cfg.algo)  # pi_old, TIS weights
+        batch = batch.replace(ref_logp=ref_logp)
         credit, rewards = assign_credit(batch, values, algo=cfg.algo)
-        train = train_batch(batch, logp, ref_logp, values, credit)
+        train = train_batch(batch, batch.old_logp, ref_logp, values, credit, behavior_weight)
         # fetched before the updates run: on CPU devices two programs with collectives in
         # flight at once can starve each other of threads
-        diag = jax.device_get(batch_stats(sampled, logp, values, credit, rewards,
-                                          critic_level=self.models.critic_level))
+        diag, behavior = jax.device_get((batch_stats(sampled, logp, values, credit, rewards,
+                                                     critic_level=self.models.critic_level), behavior))
         t2 = time.perf_counter()
 
         order = np.random.default_rng([cfg.seed, it])
@@ -250,7 +255,7 @@ class Trainer:
             out["policy/kl"] = mean("kl_ref")
         if "explained_variance" in diag:
             out["value/explained_var"] = float(diag["explained_variance"])
-        return out
+        return out | {k: float(v) for k, v in behavior.items()}
 
     # -- the whole run ------------------------------------------------------------------------
     def evaluate(self) -> dict:

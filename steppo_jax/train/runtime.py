@@ -151,13 +151,14 @@ class Runtime:
                                num_slots=num_slots, row_multiple=self.row_multiple())
 
     def seq_len(self, records: list[TrajectoryRecord]) -> int:
-        """T of the layout of ``records``: its longest row (a trajectory, or a step row),
-        bucketed (``bucket_len``) and capped at ``rollout.max_context``."""
+        """T of the layout of ``records``: its longest row (a trajectory, or a step row or a
+        final state), bucketed (``bucket_len``) and capped at ``rollout.max_context``."""
         if self.cfg.rollout.layout == "packed":
             longest = max((len(r.tokens) for r in records), default=1)
         else:
-            longest = max((r.step_row_len(k) for r in records if r.failed is None for k in range(r.num_steps)),
-                          default=1)
+            steps = [r.step_row_len(k) for r in records if r.failed is None for k in range(r.num_steps)]
+            finals = [len(ids) for r in records if (ids := r.final_row()) is not None]
+            longest = max(steps + finals, default=1)
         return bucket_len(longest, maximum=self.cfg.rollout.max_context)
 
     def row_multiple(self) -> int:

@@ -27,7 +27,9 @@ class TrainBatch(NamedTuple):
     """Row-major arrays of one update (every leaf has the batch dimension B first).
 
     tokens, step_ids, old_logp, ref_logp, adv_bt, returns_bt, old_values_bt: [B, T];
-    value_pos, slot_mask, returns_bs: [B, S_row]; segment_ids: [B, T] or None.
+    value_pos, slot_mask, returns_bs: [B, S_row]; behavior_weight_bs: [B, S_row] each step's
+    truncated importance weight (``behavior_policy``; used with ``algo.behavior_weight_cap``);
+    segment_ids: [B, T] or None. ``old_logp`` is pi_old of the ratios (``algo.behavior_logp``).
     """
 
     tokens: jax.Array
@@ -40,6 +42,7 @@ class TrainBatch(NamedTuple):
     value_pos: jax.Array
     slot_mask: jax.Array
     returns_bs: jax.Array
+    behavior_weight_bs: jax.Array
     segment_ids: jax.Array | None
 
 
@@ -127,6 +130,32 @@ def assign_credit(batch: StepBatch, values_bt, *, algo: AlgoSection):
     return est.fn(batch, values_bt, estimator_config(algo)), rewards
 
 
+@functools.partial(jax.jit, static_argnames=("algo",))
+def behavior_policy(batch: StepBatch, logp_bt, *, algo: AlgoSection):
+    """pi_old of the update and each step's truncated importance weight, from a scored batch.
+
+    ``batch.old_logp`` [B, T] holds the sampler's log-probs (of the truncated distribution it
+    drew from), ``logp_bt`` [B, T] the trainer's recomputed ones. pi_old is the one
+    ``algo.behavior_logp`` names (0 off-action). With ``algo.behavior_weight_cap`` c > 0 the
+    weights are ``losses.behavior_weights`` of the recomputed pi_old against the sampler,
+    capped at c, else 1.
+
+    Returns (batch with old_logp = pi_old, weights [B, S_row], metrics: the weights' mean and
+    the fraction of steps capped, empty without the cap).
+    """
+    recomputed = jnp.where(batch.action_mask, logp_bt, 0.0)
+    weights = jnp.ones(batch.value_pos.shape, jnp.float32)
+    metrics = {}
+    if algo.behavior_weight_cap:
+        weights, (w_sum, n), (capped, _) = losses.behavior_weights(recomputed, batch.old_logp, batch.step_ids,
+                                                                   batch.num_slots, cap=algo.behavior_weight_cap)
+        metrics = {"behavior/weight_mean": w_sum / jnp.maximum(n, 1),
+                   "behavior/weight_capped_frac": capped / jnp.maximum(n, 1)}
+    if algo.behavior_logp == "recomputed":
+        batch = batch.replace(old_logp=recomputed)
+    return batch, weights, metrics
+
+
 def loss_terms(logp, ent, values, mb: TrainBatch, models: Models, algo: AlgoSection):
     """Every loss and metric of a minibatch as (sum, denominator), and (ratio_min, ratio_max).
 
@@ -134,16 +163,19 @@ def loss_terms(logp, ent, values, mb: TrainBatch, models: Models, algo: AlgoSect
     the denominators depend only on masks (see ``denominators``).
     """
     S = mb.value_pos.shape[1]
+    weights_bs = mb.behavior_weight_bs if algo.behavior_weight_cap else None
     if algo.policy_loss == "step":
         counts = credit.step_counts(mb.step_ids, S)
         adv_bs = credit.step_sums(mb.adv_bt, mb.step_ids, S) / jnp.maximum(counts, 1)
         policy, stats = losses.step_policy_loss(logp, mb.old_logp, adv_bs, mb.step_ids, clip_low=algo.clip_low,
                                                 clip_high=algo.clip_high, ratio=algo.ratio,
-                                                aggregation=algo.aggregation)
+                                                dual_clip=algo.dual_clip, aggregation=algo.aggregation,
+                                                weights_bs=weights_bs)
     else:
+        weights_bt = None if weights_bs is None else credit.to_tokens(weights_bs, mb.step_ids)
         policy, stats = losses.token_policy_loss(logp, mb.old_logp, mb.adv_bt, mb.step_ids, clip_low=algo.clip_low,
                                                  clip_high=algo.clip_high, dual_clip=algo.dual_clip,
-                                                 aggregation=algo.aggregation, num_steps=S)
+                                                 aggregation=algo.aggregation, num_steps=S, weights_bt=weights_bt)
     if models.critic_level == "step":
         v = credit.read_at(values, mb.value_pos)
         v_old = credit.read_at(mb.old_values_bt, mb.value_pos)

@@ -49,7 +49,7 @@ def main():
     logits = rng.normal(size=(B, T, V)).astype(np.float32)
     expected = jax.jit(everything)(batch, values, logp, logits)
     # Per-step rows of the same kind of trajectories through every step-level estimator.
-    rows = step_rows_batch(random_trajectories(rng, B, S, num_groups=5, final_obs=False), S, num_rows=48)
+    rows = step_rows_batch(random_trajectories(rng, B, S, num_groups=5), S, num_rows=56)
     row_values = rng.normal(size=rows.tokens.shape).astype(np.float32)
     step_level = [n for n in ESTIMATORS if n != "token_gae"]
     rows_fn = jax.jit(lambda b, v: {n: ESTIMATORS[n].fn(b, v, CFG).advantages_bt for n in step_level})
