@@ -63,11 +63,11 @@ def cmd_train(args, policy_params=None) -> dict:
 
 def cmd_demo(args) -> dict:
     """StepPO from the shipped warm start on the default config, in a fresh run directory."""
-    import shutil
+    from steppo_jax.train.storage import as_path
 
     cfg = _config(args)
     if distributed.is_main():
-        shutil.rmtree(cfg.run_dir, ignore_errors=True)  # the demo always starts over
+        as_path(cfg.run_dir).rmtree(missing_ok=True)  # the demo always starts over
     distributed.barrier("demo: run directory cleared")
     summary = cmd_train(argparse.Namespace(**{**vars(args), "resume": False}))
     if distributed.is_main():
@@ -80,8 +80,9 @@ def _trainer_from_checkpoint(path: str):
     from steppo_jax.train.checkpoint import CheckpointError, CheckpointManager
     from steppo_jax.train.config import config_from_dict
     from steppo_jax.train.rl import Trainer
+    from steppo_jax.train.storage import as_path
 
-    if not os.path.isdir(path):
+    if not as_path(path).is_dir():
         raise CheckpointError(f"checkpoint directory not found: {path}")
     with CheckpointManager(path) as manager:  # closed before any error: no orbax threads left at exit
         step = manager.latest_step()
@@ -93,7 +94,7 @@ def _trainer_from_checkpoint(path: str):
     cfg = config_from_dict(meta["config"])
     import dataclasses
 
-    trainer = Trainer(dataclasses.replace(cfg, run_dir=os.path.dirname(os.path.abspath(path))))
+    trainer = Trainer(dataclasses.replace(cfg, run_dir=os.fspath(as_path(path).parent)))
     trainer.restore()
     return trainer
 

@@ -20,6 +20,8 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
+from steppo_jax.train.storage import write_atomic
+
 
 class ConfigError(ValueError):
     """A configuration key, value, override or file is invalid."""
@@ -262,7 +264,8 @@ class Config:
     seed: int = 0
     """Seed of every random stream of the run."""
     run_dir: str = "runs/default"
-    """Directory for config.yaml, metrics, plots, checkpoints and summary.json."""
+    """Directory for config.yaml, metrics, plots, checkpoints and summary.json: a local path or a
+    URI such as ``gs://bucket/runs/x`` (shared by every host of a multi-host run)."""
     model: ModelSection = field(default_factory=ModelSection)
     env: EnvSection = field(default_factory=EnvSection)
     rollout: RolloutSection = field(default_factory=RolloutSection)
@@ -458,8 +461,6 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Confi
         raise ConfigError(f"{source}: {err}") from None
 
 
-def save_config(cfg: Config, path: str) -> None:
-    """Writes ``cfg`` as YAML (loadable by ``load_config``)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Writes ``cfg`` as YAML (loadable by ``load_config``) to a local path or a URI."""
+    write_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
