@@ -152,7 +152,7 @@ def cmd_plan(args) -> dict:
         if len(devices) < args.cpu_devices:
             raise plan.PlanError(f"JAX started with {len(devices)} CPU devices before --cpu-devices was read: "
                                  "run steppo plan in a process of its own")
-    vocab = len(load_tokenizer(cfg.model.tokenizer)) if cfg.model.source == "tiny" else 0
+    vocab = len(load_tokenizer(cfg.model.tokenizer_path)) if cfg.model.source == "tiny" else 0
     report = plan.plan(cfg, devices, name=name, vocab_size=vocab, chip=chip, host_devices=host, only=only,
                        log=lambda line: print(f"steppo plan: {line}", file=sys.stderr, flush=True))
     print(json.dumps(report, indent=1) if args.json else plan.table(report))

@@ -44,14 +44,15 @@ def _yaml_load(text: Any) -> Any:
 
 @dataclass(frozen=True)
 class ModelSection:
-    """The policy (and critic) model: the tiny built-in decoder or a local HF checkpoint."""
+    """The policy (and critic) model: the tiny built-in decoder or an HF checkpoint."""
 
     source: Literal["tiny", "hf"] = "tiny"
     """``tiny``: the small decoder built from the sizes below; ``hf``: load ``hf_path``."""
     hf_path: str | None = None
-    """Local Hugging Face checkpoint directory (required when ``source`` is ``hf``)."""
+    """Hugging Face checkpoint: a local directory, or a hub id such as ``Qwen/Qwen2.5-0.5B-Instruct``
+    fetched into the HF cache (required when ``source`` is ``hf``)."""
     tokenizer: str | None = None
-    """Tokenizer directory; None = the shipped tiny tokenizer (or ``hf_path``'s for ``hf``)."""
+    """Tokenizer directory or hub id; None = the shipped tiny tokenizer (or ``hf_path``'s for ``hf``)."""
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     """Storage dtype of the trained parameters and so of Adam's moments. Keep float32 (master
     weights) for real runs: at lr 1e-6 an update is far below half a bfloat16 ulp of a weight
@@ -82,6 +83,12 @@ class ModelSection:
     """``separate``: a second decoder with a value head; ``shared``: a value head on the policy trunk."""
     warm_start: str | None = None
     """Path of an SFT checkpoint to start the policy from (None = no warm start)."""
+
+    @property
+    def tokenizer_path(self) -> str | None:
+        """Where the tokenizer is read: ``tokenizer``, else ``hf_path`` for an HF model, else
+        None (the shipped tiny tokenizer)."""
+        return self.tokenizer or (self.hf_path if self.source == "hf" else None)
 
 
 @dataclass(frozen=True)
