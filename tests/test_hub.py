@@ -2,10 +2,7 @@
 of a tiny checkpoint the test writes), and a one-line error when the hub cannot be reached."""
 
 import fnmatch
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import huggingface_hub
@@ -14,6 +11,7 @@ import pytest
 from flax import nnx
 from huggingface_hub.errors import LocalEntryNotFoundError
 
+from steppo_jax.cli import main
 from steppo_jax.hub import HubError, is_hub_id, resolve_hf_path
 from steppo_jax.models import Decoder, ModelConfig, load_hf_checkpoint, read_hf_config, save_hf_checkpoint
 from steppo_jax.tokenizer import load_tokenizer
@@ -103,15 +101,15 @@ def test_unreachable_hub_is_one_clear_error(monkeypatch):
     assert f"hf download {HUB_ID}" in message and "local" in message
 
 
-def test_cli_reports_an_unreachable_hub_id_in_one_line(tmp_path):
-    """The real download, offline with an empty cache: exit 2 and one line naming the id."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
-               JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "steppo_jax.cli", "train", "--config", "configs/default.yaml",
-                           "--run-dir", str(tmp_path / "run"), "model.source=hf", "model.hf_path=nobody/no-model"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
-    assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr[-2000:]
+def test_cli_reports_an_unreachable_hub_id_in_one_line(tmp_path, monkeypatch, capsys):
+    """The real download, offline with an empty cache: exit status 2 and one line naming the id."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    code = main(["train", "--config", str(ROOT / "configs/default.yaml"), "--run-dir", str(tmp_path / "run"),
+                 "model.source=hf", "model.hf_path=nobody/no-model"])
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and len(lines) == 1, err[-2000:]
     assert lines[0].startswith("steppo train: error:") and "'nobody/no-model'" in lines[0]
     assert "hf download nobody/no-model" in lines[0]
