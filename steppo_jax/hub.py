@@ -47,6 +47,7 @@ def resolve_hf_path(path: str, files: tuple[str, ...] = CHECKPOINT_FILES) -> str
         return huggingface_hub.snapshot_download(path, allow_patterns=list(files))
     except Exception as err:  # offline, unknown or gated repository: the hub raises many types
         cause = f"{type(err).__name__}: {err}".replace("\n", " ")
+        local = f"checkpoints/{path.split('/')[1]}"
         raise HubError(f"{path!r} is not a local directory and could not be fetched from the Hugging Face Hub "
-                       f"({cause[:300]}); download it first (hf download {path} --local-dir checkpoints/{path.split('/')[1]}) "
-                       "and pass that directory, or check the id") from err
+                       f"({cause[:300]}); download it first (hf download {path} --local-dir {local}) and pass "
+                       "that directory, or check the id") from err

@@ -23,7 +23,8 @@ from steppo_jax.train.metrics import MetricsWriter, plot_metrics, read_metrics, 
 from steppo_jax.train.storage import as_path, write_atomic
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-FSSPEC_REGISTRY = importlib.import_module("fsspec.registry")._registry  # protocol -> class (`fsspec.registry` is its read-only view)
+# protocol -> filesystem class (the package's `fsspec.registry` is a read-only view of it)
+FSSPEC_REGISTRY = importlib.import_module("fsspec.registry")._registry
 
 
 class FakeBucket(MemoryFileSystem):
