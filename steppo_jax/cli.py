@@ -86,11 +86,11 @@ def cmd_train(args, policy_params=None) -> dict:
 
 def cmd_demo(args) -> dict:
     """StepPO from the shipped warm start on the default config, in a fresh run directory."""
-    import shutil
+    from steppo_jax.train.storage import as_path
 
     cfg = _config(args)
     if distributed.is_main():
-        shutil.rmtree(cfg.run_dir, ignore_errors=True)  # the demo always starts over
+        as_path(cfg.run_dir).rmtree(missing_ok=True)  # the demo always starts over
     distributed.barrier("demo: run directory cleared")
     summary = cmd_train(argparse.Namespace(**{**vars(args), "resume": False}))
     if distributed.is_main():
@@ -103,8 +103,9 @@ def _trainer_from_checkpoint(path: str):
     from steppo_jax.train.checkpoint import CheckpointError, CheckpointManager
     from steppo_jax.train.config import config_from_dict
     from steppo_jax.train.rl import Trainer
+    from steppo_jax.train.storage import as_path
 
-    if not os.path.isdir(path):
+    if not as_path(path).is_dir():
         raise CheckpointError(f"checkpoint directory not found: {path}")
     with CheckpointManager(path) as manager:  # closed before any error: no orbax threads left at exit
         step = manager.latest_step()
@@ -116,7 +117,7 @@ def _trainer_from_checkpoint(path: str):
     cfg = config_from_dict(meta["config"])
     import dataclasses
 
-    trainer = Trainer(dataclasses.replace(cfg, run_dir=os.path.dirname(os.path.abspath(path))))
+    trainer = Trainer(dataclasses.replace(cfg, run_dir=os.fspath(as_path(path).parent)))
     trainer.restore()
     return trainer
 
@@ -174,7 +175,7 @@ def cmd_plan(args) -> dict:
         if len(devices) < args.cpu_devices:
             raise plan.PlanError(f"JAX started with {len(devices)} CPU devices before --cpu-devices was read: "
                                  "run steppo plan in a process of its own")
-    vocab = len(load_tokenizer(cfg.model.tokenizer)) if cfg.model.source == "tiny" else 0
+    vocab = len(load_tokenizer(cfg.model.tokenizer_path)) if cfg.model.source == "tiny" else 0
     report = plan.plan(cfg, devices, name=name, vocab_size=vocab, chip=chip, host_devices=host, only=only,
                        log=lambda line: print(f"steppo plan: {line}", file=sys.stderr, flush=True))
     print(json.dumps(report, indent=1) if args.json else plan.table(report))

@@ -26,6 +26,8 @@ import functools
 import os
 from typing import Any, Sequence
 
+from steppo_jax.hub import resolve_hf_path
+
 DEFAULT_PATH = os.path.join(os.path.dirname(__file__), "assets", "tokenizer")
 END_OF_TURN = "<|im_end|>"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", END_OF_TURN]
@@ -68,7 +70,8 @@ CHAT_TEMPLATE = (
 
 
 def load_tokenizer(path: str | None = None):
-    """A ``transformers`` tokenizer from ``path`` (``None``: the shipped tiny tokenizer)."""
+    """A ``transformers`` tokenizer from directory or hub id ``path`` (``None``: the shipped tiny
+    tokenizer); a hub id resolves as checkpoints do (``steppo_jax.hub.resolve_hf_path``)."""
     from transformers import AutoTokenizer
 
     if path is None:
@@ -76,7 +79,7 @@ def load_tokenizer(path: str | None = None):
             raise FileNotFoundError(f"the shipped tokenizer is missing from {DEFAULT_PATH}; "
                                     "run scripts/train_tokenizer.py")
         path = DEFAULT_PATH
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(resolve_hf_path(path))
 
 
 def render(tokenizer, messages: Sequence[dict[str, Any]], *, tools=None,

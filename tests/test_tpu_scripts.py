@@ -123,7 +123,7 @@ def test_paper_script_runs_the_whole_lifecycle_in_order(script):
             assert target.split(":")[0] == name, cmd
             assert "--zone" in cmd
     install = remote(cmds[1])
-    assert "--worker=all" in cmds[1] and "jax[tpu]==0.10.2" in install and ".[envs]" in install
+    assert "--worker=all" in cmds[1] and "jax[tpu]==0.10.2" in install and ".[envs,gcs]" in install
 
     launch = next(c for c in cmds if tpu_stage(c) == "launch")
     assert "--worker=all" in launch

@@ -85,7 +85,7 @@ install_snippet() {
   local repo="$1" ref="$2" workdir="$3" jax_extra="$4"
   echo "(test -d $workdir/.git || git clone $repo $workdir) && cd $workdir && git fetch origin $ref && git checkout --detach FETCH_HEAD" \
     "&& (test -x .venv/bin/python || python3 -m venv .venv) && .venv/bin/pip install -q --upgrade pip" \
-    "&& .venv/bin/pip install -q -e '.[envs]' 'jax[$jax_extra]==0.10.2'"
+    "&& .venv/bin/pip install -q -e '.[envs,gcs]' 'jax[$jax_extra]==0.10.2'"
 }
 
 # The snippet that installs gcsfuse from Google's apt repository on an Ubuntu worker.

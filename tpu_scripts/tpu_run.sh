@@ -11,7 +11,7 @@
 #            checkpoint only its config.json is fetched), aborting when the run does not fit
 #            the slice's memory; --no-plan skips it
 #   create   gcloud compute tpus tpu-vm create (one VM, or every host of a pod slice)
-#   install  on all workers: clone the repository, venv, pip install -e '.[envs]' jax[tpu]
+#   install  on all workers: clone the repository, venv, pip install -e '.[envs,gcs]' jax[tpu]
 #   mount    on all workers: install gcsfuse and mount --mount-bucket at <workdir>/gcs (only
 #            with --mount-bucket)
 #   copy     on all workers: the checkpoint (--checkpoint) and data files (--data), then the

@@ -1,5 +1,8 @@
 """HF checkpoint import/export: `config.json` + single or index-sharded `*.safetensors`.
 
+Checkpoints are read from a local directory or a Hugging Face Hub id (`Qwen/Qwen2.5-0.5B-Instruct`,
+fetched into the HF cache: `steppo_jax.hub.resolve_hf_path`).
+
 Tensors are read through a memory map; with a mesh, each device receives only its own shard
 (`jax.make_array_from_callback`), so a model never sits whole on one device while loading.
 """
@@ -18,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from steppo_jax import sharding
+from steppo_jax.hub import resolve_hf_path
 from steppo_jax.models.config import ModelConfig
 from steppo_jax.models.decoder import Decoder
 
@@ -133,12 +137,15 @@ def _write_safetensors(path: str, arrays: dict[str, np.ndarray]) -> None:
 # -- public API ----------------------------------------------------------------------------------
 def read_hf_config(path: str, dtype: str | None = None, *, compute_dtype: str | None = None,
                    **options) -> ModelConfig:
-    """The `ModelConfig` of HF checkpoint directory `path` from its `config.json` alone.
+    """The `ModelConfig` of HF checkpoint directory (or hub id) `path` from its `config.json` alone
+    (of a hub id, only `config.json` is fetched).
 
     dtype: parameter dtype (default: the checkpoint's); compute_dtype: activation dtype (default:
     dtype); options: other ModelConfig fields (attention, attention_block, remat).
-    Raises FileNotFoundError naming the missing directory or file.
+    Raises FileNotFoundError naming the missing directory or file, `HubError` for a hub id that
+    cannot be fetched.
     """
+    path = resolve_hf_path(path, files=("config.json",))
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
@@ -151,15 +158,16 @@ def read_hf_config(path: str, dtype: str | None = None, *, compute_dtype: str | 
 
 def load_hf_checkpoint(path: str, dtype: str | None = None, *, compute_dtype: str | None = None,
                        mesh: jax.sharding.Mesh | None = None, **options) -> tuple[Decoder, ModelConfig]:
-    """Reads a local HF Llama/Qwen2/Qwen3 directory into a `Decoder`.
+    """Reads an HF Llama/Qwen2/Qwen3 checkpoint (a local directory or a hub id) into a `Decoder`.
 
     dtype: parameter dtype ('float32', 'bfloat16'; default: the checkpoint's). compute_dtype:
     activation dtype (default: dtype). mesh: place each parameter directly in its sharding.
     options: other ModelConfig fields (attention, attention_block, remat).
     Raises FileNotFoundError (missing directory/config/weights), ValueError (unsupported
-    architecture, a tensor's shape mismatch or an unexpected tensor, named), KeyError (missing
-    tensor, named).
+    architecture, a tensor's shape mismatch or an unexpected tensor, named; `HubError`, a hub id
+    that cannot be fetched), KeyError (missing tensor, named).
     """
+    path = resolve_hf_path(path)
     config = read_hf_config(path, dtype, compute_dtype=compute_dtype, **options)
     tensors = _open_tensors(path)
     mapping = _param_map(config)

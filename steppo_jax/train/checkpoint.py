@@ -5,7 +5,9 @@ The state (params, optimizer states, critic, typed PRNG keys, counters) is saved
 position, config dict, …) is saved as JSON next to it. Saves are synchronous: when ``save``
 returns, the step is committed (orbax writes to a temporary directory and renames it), so a
 killed run resumes from its last completed save. Typed keys (``jax.random.key``) round-trip
-as typed keys. Every failure to find, read or match a checkpoint is a ``CheckpointError``::
+as typed keys. The directory is a local path or a URI orbax accepts (``gs://bucket/run/checkpoints``:
+in a multi-host run every host writes its own shards there, see docs/tpu_gpu.md). Every failure
+to find, read or match a checkpoint is a ``CheckpointError``::
 
     ckpt = CheckpointManager("runs/x/checkpoints", keep=2)
     ckpt.save(10, state, {"iteration": 10})
@@ -21,6 +23,8 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from steppo_jax.train.storage import as_path
 
 
 class CheckpointError(RuntimeError):
@@ -89,12 +93,13 @@ def _short(err: Exception, limit: int = 400) -> str:
 class CheckpointManager:
     """Numbered checkpoints of ``(state, meta)`` in ``directory``, the newest ``keep`` kept."""
 
-    def __init__(self, directory: str, keep: int = 2):
+    def __init__(self, directory: str | os.PathLike, keep: int = 2):
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
-        self.directory = os.path.abspath(directory)
+        path = as_path(directory)
+        self.directory = os.fspath(path)
         self._manager = ocp.CheckpointManager(
-            self.directory,
+            path,
             item_handlers={"state": ocp.StandardCheckpointHandler(),
                            "meta": ocp.JsonCheckpointHandler()},
             options=ocp.CheckpointManagerOptions(

@@ -20,6 +20,8 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
+from steppo_jax.train.storage import write_atomic
+
 
 class ConfigError(ValueError):
     """A configuration key, value, override or file is invalid."""
@@ -42,14 +44,15 @@ def _yaml_load(text: Any) -> Any:
 
 @dataclass(frozen=True)
 class ModelSection:
-    """The policy (and critic) model: the tiny built-in decoder or a local HF checkpoint."""
+    """The policy (and critic) model: the tiny built-in decoder or an HF checkpoint."""
 
     source: Literal["tiny", "hf"] = "tiny"
     """``tiny``: the small decoder built from the sizes below; ``hf``: load ``hf_path``."""
     hf_path: str | None = None
-    """Local Hugging Face checkpoint directory (required when ``source`` is ``hf``)."""
+    """Hugging Face checkpoint: a local directory, or a hub id such as ``Qwen/Qwen2.5-0.5B-Instruct``
+    fetched into the HF cache (required when ``source`` is ``hf``)."""
     tokenizer: str | None = None
-    """Tokenizer directory; None = the shipped tiny tokenizer (or ``hf_path``'s for ``hf``)."""
+    """Tokenizer directory or hub id; None = the shipped tiny tokenizer (or ``hf_path``'s for ``hf``)."""
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     """Storage dtype of the trained parameters and so of Adam's moments. Keep float32 (master
     weights) for real runs: at lr 1e-6 an update is far below half a bfloat16 ulp of a weight
@@ -80,6 +83,12 @@ class ModelSection:
     """``separate``: a second decoder with a value head; ``shared``: a value head on the policy trunk."""
     warm_start: str | None = None
     """Path of an SFT checkpoint to start the policy from (None = no warm start)."""
+
+    @property
+    def tokenizer_path(self) -> str | None:
+        """Where the tokenizer is read: ``tokenizer``, else ``hf_path`` for an HF model, else
+        None (the shipped tiny tokenizer)."""
+        return self.tokenizer or (self.hf_path if self.source == "hf" else None)
 
 
 @dataclass(frozen=True)
@@ -279,7 +288,8 @@ class Config:
     seed: int = 0
     """Seed of every random stream of the run."""
     run_dir: str = "runs/default"
-    """Directory for config.yaml, metrics, plots, checkpoints and summary.json."""
+    """Directory for config.yaml, metrics, plots, checkpoints and summary.json: a local path or a
+    URI such as ``gs://bucket/runs/x`` (shared by every host of a multi-host run)."""
     model: ModelSection = field(default_factory=ModelSection)
     env: EnvSection = field(default_factory=EnvSection)
     rollout: RolloutSection = field(default_factory=RolloutSection)
@@ -485,8 +495,6 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Confi
         raise ConfigError(f"{source}: {err}") from None
 
 
-def save_config(cfg: Config, path: str) -> None:
-    """Writes ``cfg`` as YAML (loadable by ``load_config``)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Writes ``cfg`` as YAML (loadable by ``load_config``) to a local path or a URI."""
+    write_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

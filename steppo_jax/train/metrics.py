@@ -1,5 +1,6 @@
 """What a person sees of a run: ``metrics.jsonl``, PNG curves, one line per iteration, progress
-bars and ``summary.json``.
+bars and ``summary.json``. Run directories may be local or URIs (``gs://…``): files are
+written through ``steppo_jax.train.storage``.
 
 Metric names are namespaced with ``/``; the plots and the per-iteration line know these (and
 skip the ones a run does not log): ``reward/mean``, ``success/rate``, ``policy/kl``,
@@ -10,6 +11,7 @@ skip the ones a run does not log): ``reward/mean``, ``success/rate``, ``policy/k
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -18,6 +20,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
+
+from steppo_jax.train.storage import as_path, write_atomic
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -63,14 +67,13 @@ def _jsonable(value: Any, key: str = "") -> Any:
     return _scalar(key, value)
 
 
-def read_metrics(path: str) -> list[dict]:
-    """The records of a metrics JSONL file, in order.
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a metrics JSONL file (a local path or a URI), in order.
 
     A truncated last line (a process killed mid-write) is skipped; a malformed line elsewhere
     raises ``ValueError`` with its line number.
     """
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
+    lines = as_path(path).read_text(encoding="utf-8").split("\n")
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -85,37 +88,35 @@ def read_metrics(path: str) -> list[dict]:
 
 
 class MetricsWriter:
-    """Appends one JSON line per iteration to ``run_dir/metrics.jsonl``, flushed each time.
+    """Writes ``run_dir/metrics.jsonl``, one JSON line per iteration, complete after each write.
 
     ``resume_iteration=None`` starts a new file; an iteration number keeps the lines up to
-    it and drops later ones (written after the checkpoint the run resumes from).
+    it and drops later ones (written after the checkpoint the run resumes from). Object stores
+    have no append: each write replaces the whole file (``write_atomic``), so a reader, or a
+    run killed midway, always finds whole lines.
     """
 
-    def __init__(self, run_dir: str, resume_iteration: int | None = None):
-        os.makedirs(run_dir, exist_ok=True)
-        self.path = os.path.join(run_dir, METRICS_FILE)
-        if resume_iteration is None:
-            mode = "w"
-        else:
-            kept = []
-            if os.path.exists(self.path):
-                kept = [r for r in read_metrics(self.path) if r.get("iteration", 0) <= resume_iteration]
-            tmp = self.path + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
-            os.replace(tmp, self.path)
-            mode = "a"
-        self._file = open(self.path, mode, encoding="utf-8")
+    def __init__(self, run_dir: str | os.PathLike, resume_iteration: int | None = None):
+        self.path = as_path(run_dir) / METRICS_FILE
+        self._lines: list[str] = []
+        if resume_iteration is not None and self.path.exists():
+            self._lines = [json.dumps(r) + "\n" for r in read_metrics(self.path)
+                           if r.get("iteration", 0) <= resume_iteration]
+        write_atomic(self.path, "".join(self._lines))
+        self._closed = False
 
     def write(self, iteration: int, metrics: dict[str, Any]) -> dict:
-        """Appends ``{"iteration": iteration, **metrics}`` and returns the record as written."""
+        """Adds ``{"iteration": iteration, **metrics}`` to the file and returns the record as written."""
+        if self._closed:
+            raise ValueError(f"write to a closed MetricsWriter ({self.path})")
         record = {"iteration": int(iteration), **_jsonable(metrics)}
-        self._file.write(json.dumps(record, allow_nan=False) + "\n")
-        self._file.flush()
+        self._lines.append(json.dumps(record, allow_nan=False) + "\n")
+        write_atomic(self.path, "".join(self._lines))
         return record
 
     def close(self) -> None:
-        self._file.close()
+        """Refuses further writes (the file is already complete)."""
+        self._closed = True
 
     def __enter__(self) -> MetricsWriter:
         return self
@@ -157,9 +158,10 @@ def _series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(x, float), np.asarray(y, float)
 
 
-def plot_metrics(jsonl_path: str, out_png: str,
-                 keys: Iterable[str | Sequence[str]] = PLOT_PANELS) -> str:
-    """Draws a grid of small line plots of ``keys`` over iterations and saves it as a PNG.
+def plot_metrics(jsonl_path: str | os.PathLike, out_png: str | os.PathLike,
+                 keys: Iterable[str | Sequence[str]] = PLOT_PANELS) -> str | os.PathLike:
+    """Draws a grid of small line plots of ``keys`` over iterations and saves it as a PNG
+    (rendered in memory, then written through ``write_atomic``: local paths and URIs alike).
 
     Each entry of ``keys`` is one panel (a key, or several keys drawn together); panels with
     no data are left out. ``eval/`` keys are drawn as points (they are logged only on
@@ -190,20 +192,17 @@ def plot_metrics(jsonl_path: str, out_png: str,
     for ax in axes[len(panels):]:
         ax.set_axis_off()
     if not panels:
-        axes[0].text(0.5, 0.5, f"no metrics yet in {os.path.basename(jsonl_path)}",
+        axes[0].text(0.5, 0.5, f"no metrics yet in {as_path(jsonl_path).name}",
                      ha="center", va="center")
-    os.makedirs(os.path.dirname(out_png) or ".", exist_ok=True)
-    fig.savefig(out_png)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    write_atomic(out_png, png.getvalue())
     return out_png
 
 
-def write_summary(run_dir: str, summary: dict[str, Any]) -> str:
-    """Writes ``summary`` (nested dicts of scalars; NaN/Inf become null) to ``run_dir/summary.json``."""
-    os.makedirs(run_dir, exist_ok=True)
-    path = os.path.join(run_dir, SUMMARY_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(_jsonable(summary), f, indent=2, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
+def write_summary(run_dir: str | os.PathLike, summary: dict[str, Any]) -> str:
+    """Writes ``summary`` (nested dicts of scalars; NaN/Inf become null) to ``run_dir/summary.json``;
+    returns that path."""
+    path = as_path(run_dir) / SUMMARY_FILE
+    write_atomic(path, json.dumps(_jsonable(summary), indent=2, allow_nan=False) + "\n")
+    return os.fspath(path)

@@ -34,6 +34,7 @@ from steppo_jax.train.config import Config, ConfigError, config_to_dict, save_co
 from steppo_jax.train.evaluate import Evaluator
 from steppo_jax.train.metrics import MetricsWriter, format_line, plot_metrics, progress, write_summary
 from steppo_jax.train.runtime import Runtime
+from steppo_jax.train.storage import as_path
 from steppo_jax.train.state import build_models, copy_tree, critic_from_policy, init_state, make_optimizer
 from steppo_jax.train.tasks import TaskBatches, task_split
 from steppo_jax.train.update import TrainBatch, assign_credit, behavior_policy, make_update, score
@@ -43,8 +44,9 @@ from steppo_jax.types import StepBatch, validate
 def load_policy_params(path: str, like):
     """Policy parameters from a checkpoint directory written by ``steppo sft`` or
     ``scripts/make_warm_start.py``; a relative path is also tried from the package's parent
-    directory (so the shipped ``steppo_jax/assets/warm_start`` resolves from anywhere)."""
-    if not os.path.isdir(path):
+    directory (so the shipped ``steppo_jax/assets/warm_start`` resolves from anywhere). ``path``
+    may also be a URI (``gs://…``)."""
+    if not as_path(path).is_dir():
         packaged = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.pardir, path)
         if not os.path.isabs(path) and os.path.isdir(packaged):
             path = packaged
@@ -135,7 +137,7 @@ class Trainer:
         self.evaluator = Evaluator(self.rt, self.models.policy_def, params["policy"])
         self.tasks = TaskBatches(task_split(cfg.env, self.rt.env_factory()()).train, r.tasks_per_iter, cfg.seed)
         self.root_key = jax.random.key(cfg.seed)
-        self.ckpt = CheckpointManager(os.path.join(cfg.run_dir, "checkpoints"), keep=cfg.train.keep_checkpoints)
+        self.ckpt = CheckpointManager(as_path(cfg.run_dir) / "checkpoints", keep=cfg.train.keep_checkpoints)
         self.iteration = 0
         self.summary: dict = {}
 
@@ -274,8 +276,7 @@ class Trainer:
             self.log(f"no checkpoint in {self.ckpt.directory}: starting from scratch")
         main = distributed.is_main()  # the one process writing the run's files
         if main:
-            os.makedirs(cfg.run_dir, exist_ok=True)
-            save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+            save_config(cfg, as_path(cfg.run_dir) / "config.yaml")
             writer = MetricsWriter(cfg.run_dir, resume_iteration=self.iteration - 1 if resumed else None)
         if "initial_success_rate" not in self.summary:
             initial = self.evaluate()
@@ -306,5 +307,5 @@ class Trainer:
                              "iterations": self.iteration}
             if main:
                 write_summary(cfg.run_dir, self.summary)
-                plot_metrics(os.path.join(cfg.run_dir, "metrics.jsonl"), os.path.join(cfg.run_dir, "curves.png"))
+                plot_metrics(as_path(cfg.run_dir) / "metrics.jsonl", as_path(cfg.run_dir) / "curves.png")
         return self.summary

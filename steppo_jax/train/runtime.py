@@ -86,7 +86,7 @@ class Runtime:
         if jax.process_count() > 1:
             sample_mesh = local_mesh(mesh)
             _check_process_rows(mesh)
-        return cls(cfg, mesh, sample_mesh, load_tokenizer(cfg.model.tokenizer),
+        return cls(cfg, mesh, sample_mesh, load_tokenizer(cfg.model.tokenizer_path),
                    envs.EnvPool(num_workers=8, timeout_s=cfg.env.step_timeout_s))
 
     def env_factory(self) -> Callable[[], envs.Environment]:
