@@ -12,10 +12,10 @@ the layout the trainer builds anyway, measured in the same run).
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
+from benchmarks.timing import best_time
 from steppo_jax.rollout.records import TrajectoryRecord, step_rows_batch
 from steppo_jax.types import validate
 
@@ -43,15 +43,6 @@ def record(rng: np.random.Generator, task: int) -> TrajectoryRecord:
     return rec
 
 
-def best_of(repeats: int, fn) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trajectories", type=int, default=32)
@@ -62,8 +53,8 @@ def main() -> None:
     batch = step_rows_batch(records, 5, seq_len=MAX_CONTEXT)
     print(f"{args.trajectories} trajectories, {int(batch.slot_mask().sum())} steps -> {batch.batch_size} rows x "
           f"{batch.seq_len} tokens ({batch.num_slots} slots a row)")
-    layout_s = best_of(args.repeats, lambda: step_rows_batch(records, 5, seq_len=MAX_CONTEXT))
-    validate_s = best_of(args.repeats, lambda: validate(batch))
+    layout_s = best_time(lambda: step_rows_batch(records, 5, seq_len=MAX_CONTEXT), args.repeats)
+    validate_s = best_time(lambda: validate(batch), args.repeats)
     print(f"step_rows_batch {layout_s * 1e3:8.1f} ms   (baseline)")
     print(f"validate        {validate_s * 1e3:8.1f} ms   {validate_s / layout_s:.2f}x the layout")
 

@@ -26,7 +26,7 @@ from steppo_jax.train.config import ConfigError, load_config
 DEFAULT_CONFIG = os.path.join("configs", "default.yaml")
 # Errors in what the user gave (config, files, checkpoints, batches from their environment):
 # one line and exit status 2. Anything else is a bug and keeps its traceback.
-USER_ERRORS = ("ConfigError", "PlanError", "CheckpointError", "BatchError", "UnknownEnvironmentError",
+USER_ERRORS = ("ConfigError", "PlanError", "CheckpointError", "BatchError", "UnknownEnvironmentError", "HubError",
                "DistributedError", "FileNotFoundError")
 
 
