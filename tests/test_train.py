@@ -46,7 +46,7 @@ def leaves(tree):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0])  # one seed keeps the suite near 15 minutes on 2 cores
 def test_tiny_model_learns(tmp_path, seed):
     """The demo at a smaller size: from the shipped warm start (which answers two-hop
     questions after one search), 10 StepPO iterations raise greedy success on held-out tasks."""
