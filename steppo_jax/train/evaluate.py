@@ -9,7 +9,7 @@ from flax import nnx
 from steppo_jax.rollout import STAT_KEYS, stats_table, table_stats
 from steppo_jax.train import distributed
 from steppo_jax.train.runtime import Runtime
-from steppo_jax.train.tasks import eval_tasks, task_split
+from steppo_jax.train.tasks import eval_tasks
 
 
 def eval_batch_size(share: int, sample_mesh: jax.sharding.Mesh, batch_size: int = 64) -> int:
@@ -28,7 +28,7 @@ class Evaluator:
     def __init__(self, runtime: Runtime, policy_def, policy_params, batch_size: int = 64):
         cfg = runtime.cfg
         self.runtime = runtime
-        tasks = eval_tasks(task_split(cfg.env, runtime.env_factory()()), cfg.seed)
+        tasks = eval_tasks(runtime.task_split, cfg.seed)
         self.num_tasks, processes = len(tasks), distributed.process_count()
         share = -(-len(tasks) // processes)
         tasks += [tasks[-1]] * (share * processes - len(tasks))

@@ -36,7 +36,7 @@ from steppo_jax.train.metrics import MetricsWriter, format_line, plot_metrics, p
 from steppo_jax.train.runtime import Runtime
 from steppo_jax.train.storage import as_path
 from steppo_jax.train.state import build_models, copy_tree, critic_from_policy, init_state, make_optimizer
-from steppo_jax.train.tasks import TaskBatches, task_split
+from steppo_jax.train.tasks import TaskBatches
 from steppo_jax.train.update import TrainBatch, assign_credit, behavior_policy, make_update, score
 from steppo_jax.types import StepBatch, validate
 
@@ -135,7 +135,7 @@ class Trainer:
         self.sampler = self.rt.sampler(policy, local_rows, first_row=distributed.process_index() * local_rows)
         self.engine = self.rt.engine(self.sampler)
         self.evaluator = Evaluator(self.rt, self.models.policy_def, params["policy"])
-        self.tasks = TaskBatches(task_split(cfg.env, self.rt.env_factory()()).train, r.tasks_per_iter, cfg.seed)
+        self.tasks = TaskBatches(self.rt.task_split.train, r.tasks_per_iter, cfg.seed)
         self.root_key = jax.random.key(cfg.seed)
         self.ckpt = CheckpointManager(as_path(cfg.run_dir) / "checkpoints", keep=cfg.train.keep_checkpoints)
         self.iteration = 0

@@ -8,6 +8,7 @@ so the rollout loop of each process stays on its own host. In one process they a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -23,6 +24,7 @@ from steppo_jax.sampling import Sampler, SamplingParams
 from steppo_jax.tokenizer import load_tokenizer
 from steppo_jax.train.config import Config, ConfigError
 from steppo_jax.train.state import make_mesh
+from steppo_jax.train.tasks import task_split
 from steppo_jax.types import StepBatch
 
 
@@ -98,6 +100,12 @@ class Runtime:
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError(f"env.name / env.options: {err.args[0] if err.args else err}") from None
         return lambda: envs.make(e.name, **options)
+
+    @functools.cached_property
+    def task_split(self) -> envs.TaskSplit:
+        """The run's training and held-out task ids (``train.tasks.task_split``), found once:
+        the trainer, its evaluator and SFT draw from the same split."""
+        return task_split(self.cfg.env, self.env_factory()())
 
     def settings(self) -> RolloutSettings:
         r = self.cfg.rollout
