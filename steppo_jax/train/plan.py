@@ -165,12 +165,13 @@ def shapes(cfg: Config, processes: int, mesh, sample_mesh) -> Shapes:
     """The largest shapes the trainer pads to (``Runtime.layout``, ``Trainer._local_batch``):
     rows rounded up to the mesh's row multiple per process, then stacked over processes; the
     length bucket of ``rollout.max_context``. Per-step rows count one step per row (no packing:
-    the most rows a batch can need)."""
+    the most rows a batch can need), and one final-state row per trajectory (a trajectory cut
+    after its last step bootstraps from one, ``step_rows_batch``)."""
     r, e, o = cfg.rollout, cfg.env, cfg.optim
     local_traj = r.tasks_per_iter // processes * r.group_size
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     multiple = max(o.minibatches * math.lcm(shards, o.micro_batch_rows or 1) // processes, 1)
-    local_rows = local_traj if r.layout == "packed" else local_traj * e.max_steps
+    local_rows = local_traj if r.layout == "packed" else local_traj * (e.max_steps + 1)
     rows = -(-local_rows // multiple) * multiple * processes
     slots = e.max_steps if r.layout == "packed" else 1
     eval_share = -(-e.eval_tasks // processes)
