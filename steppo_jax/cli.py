@@ -1,4 +1,4 @@
-"""The ``steppo`` command: sft, train, eval, export, demo and plan.
+"""The ``steppo`` command: sft, train, eval, export, demo, plan and compare.
 
     steppo demo                                   # StepPO from the shipped warm start, then eval
     steppo sft   --config configs/default.yaml
@@ -7,6 +7,7 @@
     steppo eval  --checkpoint runs/default/checkpoints
     steppo export --checkpoint runs/default/checkpoints --out runs/default/hf
     steppo plan  --config configs/paper_hotpotqa_qwen2.5_3b.yaml --topology v5e-32   # fits? (exit 1 if not)
+    steppo compare --config configs/credit_multihop.yaml --methods step_gae,grpo --seeds 0,1,2 --out runs/cmp
 
 With ``STEPPO_DISTRIBUTED=1`` (one process per host), demo, sft, train and eval first join the
 run's processes (``steppo_jax.train.distributed.initialize``).
@@ -20,6 +21,7 @@ import os
 import sys
 
 from steppo_jax.train import distributed
+from steppo_jax.train.compare import METHODS
 from steppo_jax.train.config import ConfigError, load_config
 
 
@@ -185,6 +187,20 @@ def cmd_plan(args) -> dict:
     return report
 
 
+def cmd_compare(args) -> dict:
+    from steppo_jax.train.compare import Grid, parse_list, run_grid, summarise, table
+
+    grid = Grid(config_path(args.config), parse_list(args.methods, "methods"), parse_list(args.seeds, "seeds", int),
+                args.out, args.overrides)
+    failed = [] if args.summarise_only else run_grid(grid, jobs=args.jobs)
+    result = summarise(grid, threshold=args.threshold)
+    print(table(result))
+    print(f"{result['finished']} of {result['cells']} cells finished; {args.out}/compare.json, compare.md, compare.png")
+    if failed:
+        raise RuntimeError(f"{len(failed)} cell(s) failed: " + ", ".join(f"{c.method} seed {c.seed}" for c in failed))
+    return result
+
+
 def main(argv=None) -> int:
     debug = "show the traceback of user errors too (bad config, files, checkpoints)"
     parser = argparse.ArgumentParser(prog="steppo", description="Step-level RL (StepPO) for LLM agents, in JAX.")
@@ -229,6 +245,19 @@ def main(argv=None) -> int:
     p.add_argument("--programs", default="score,update,prefill,decode",
                    help="comma-separated programs to compile (default: %(default)s)")
     p.set_defaults(fn=cmd_plan)
+    p = command("compare", help="a grid of credit methods x seeds on one config (resumable), then compare.json, "
+                                "compare.md and compare.png")
+    p.add_argument("--config", help=f"YAML config of every cell (default: {DEFAULT_CONFIG}, here or in the clone)")
+    p.add_argument("--methods", default="step_gae,token_gae,grpo,rloo,gigpo",
+                   help="comma-separated methods, from: " + ", ".join(METHODS) + " (default: %(default)s)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: %(default)s)")
+    p.add_argument("--out", required=True, help="grid directory: one run directory per cell, and the summary")
+    p.add_argument("--jobs", type=int, default=1, help="cells run at once, each its own process (default: 1)")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="greedy success whose first iteration is reported (default: %(default)s)")
+    p.add_argument("--summarise-only", action="store_true", help="rebuild the summary from finished cells only")
+    p.add_argument("overrides", nargs="*", help="field=value overrides for every cell, e.g. train.iterations=20")
+    p.set_defaults(fn=cmd_compare)
     args = parser.parse_args(argv)
     try:
         if getattr(args, "distributed", False):

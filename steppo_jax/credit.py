@@ -150,11 +150,12 @@ def discounted_returns(rewards_bs, step_mask_bs, *, gamma: float):
     return g_sb.T
 
 
-def whiten(x: jax.Array, mask: jax.Array, *, eps: float = 1e-8) -> jax.Array:
-    """(x - mean) / (std + eps) over the masked entries of the whole array.
+def whiten(x: jax.Array, mask: jax.Array, *, eps: float = 1e-8, std_floor: float = 0.0) -> jax.Array:
+    """(x - mean) / (max(std, std_floor) + eps) over the masked entries of the whole array.
 
     std is unbiased (n - 1); with fewer than two entries the std is taken as 0.
-    Masked-out entries are 0.
+    Masked-out entries are 0. ``std_floor`` keeps a batch whose advantages barely vary (no
+    reward signal: only critic noise) from being blown up to unit scale.
     """
     chex.assert_equal_shape([x, mask])
     mask = mask.astype(bool)
@@ -162,7 +163,7 @@ def whiten(x: jax.Array, mask: jax.Array, *, eps: float = 1e-8) -> jax.Array:
     mean = jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(n, 1)
     centred = jnp.where(mask, x - mean, 0.0)
     var = jnp.sum(centred**2) / jnp.maximum(n - 1, 1)
-    return jnp.where(mask, centred / (jnp.sqrt(var) + eps), 0.0)
+    return jnp.where(mask, centred / (jnp.maximum(jnp.sqrt(var), std_floor) + eps), 0.0)
 
 
 def _group_stats(x_b, group_ids_b, num_groups: int):
@@ -238,7 +239,7 @@ def reinforce_pp_advantages(scores_b, group_ids_b, action_mask_bt, *, num_groups
     return whiten_rows(centred, jnp.sum(mask, axis=1), mask, eps=eps)
 
 
-def whiten_rows(x_b, counts_b, mask_bt, *, eps: float = 1e-8):
+def whiten_rows(x_b, counts_b, mask_bt, *, eps: float = 1e-8, std_floor: float = 0.0):
     """``whiten`` of ``x_b`` broadcast to the ``counts_b`` masked tokens of each row.
 
     The same result as ``whiten(where(mask, x_b[:, None], 0), mask)``, but the statistics
@@ -248,7 +249,7 @@ def whiten_rows(x_b, counts_b, mask_bt, *, eps: float = 1e-8):
     n = jnp.sum(w)
     mean = jnp.sum(w * x_b) / jnp.maximum(n, 1)
     var = jnp.sum(w * (x_b - mean) ** 2) / jnp.maximum(n - 1, 1)
-    z = (x_b - mean) / (jnp.sqrt(var) + eps)
+    z = (x_b - mean) / (jnp.maximum(jnp.sqrt(var), std_floor) + eps)
     return jnp.where(mask_bt, z[:, None], 0.0)
 
 

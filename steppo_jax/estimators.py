@@ -24,6 +24,7 @@ class EstimatorConfig:
 
     gamma, lam: discount and GAE lambda (per step for step GAE, per token for token GAE).
     whiten: whiten GAE advantages over the batch (per step for step GAE).
+    whiten_std_floor: the smallest std whitening divides by (``credit.whiten``).
     scale_by_std: GRPO divides by the group std (False: Dr.GRPO).
     step_weight: GiGPO weight of the step-level (anchor group) term.
     eps: GRPO/GiGPO std epsilon.
@@ -32,6 +33,7 @@ class EstimatorConfig:
     gamma: float = 1.0
     lam: float = 0.95
     whiten: bool = True
+    whiten_std_floor: float = 0.0
     scale_by_std: bool = True
     step_weight: float = 1.0
     eps: float = 1e-6
@@ -84,7 +86,7 @@ def _step_gae(batch: StepBatch, values_bt, cfg: EstimatorConfig) -> Credit:
     values_ns, bootstrap = _grid_values(batch, values_bt)
     adv, ret = credit.step_gae(batch.step_rewards, values_ns, batch.step_mask, bootstrap, gamma=cfg.gamma, lam=cfg.lam)
     if cfg.whiten:
-        adv = credit.whiten(adv, batch.step_mask)
+        adv = credit.whiten(adv, batch.step_mask, std_floor=cfg.whiten_std_floor)
     return Credit(credit.to_tokens(batch.from_grid(adv), batch.step_ids), returns_bs=batch.from_grid(ret))
 
 
@@ -103,7 +105,7 @@ def _token_gae(batch: StepBatch, values_bt, cfg: EstimatorConfig) -> Credit:
     adv, ret = credit.token_gae(rewards_bt, state_values_bt, batch.action_mask, gamma=cfg.gamma, lam=cfg.lam,
                                 bootstrap_b=bootstrap)
     if cfg.whiten:
-        adv = credit.whiten(adv, batch.action_mask)
+        adv = credit.whiten(adv, batch.action_mask, std_floor=cfg.whiten_std_floor)
     return Credit(adv, returns_bt=ret)
 
 

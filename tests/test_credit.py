@@ -85,6 +85,12 @@ def test_whiten_by_hand(variant):
     np.testing.assert_allclose(variant(credit.whiten)(x, m), [-1, 0, 1, 0], atol=ATOL)  # std(ddof=1) = 1
     np.testing.assert_array_equal(variant(credit.whiten)(x, jnp.zeros(4, bool)), np.zeros(4))
     np.testing.assert_array_equal(variant(credit.whiten)(x, jnp.array([0, 1, 0, 0], bool)), np.zeros(4))
+    # a std below the floor divides by the floor: small spreads stay small
+    np.testing.assert_allclose(variant(credit.whiten, std_floor=4.0)(x, m), [-0.25, 0, 0.25, 0], atol=ATOL)
+    np.testing.assert_allclose(variant(credit.whiten, std_floor=0.5)(x, m), [-1, 0, 1, 0], atol=ATOL)
+    rows = variant(credit.whiten_rows, std_floor=4.0)(jnp.array([1.0, 3.0]), jnp.array([2, 2]), jnp.ones((2, 2), bool))
+    np.testing.assert_allclose(rows, credit.whiten(jnp.array([1.0, 1, 3, 3]), jnp.ones(4, bool), std_floor=4.0
+                                                   ).reshape(2, 2), atol=ATOL)
 
 
 def test_gigpo_by_hand(variant):

@@ -158,6 +158,9 @@ class AlgoSection:
     """GAE lambda, in [0, 1]."""
     whiten: bool = True
     """Whiten GAE advantages over the batch."""
+    whiten_std_floor: float = 0.0
+    """Whitening divides by max(std, this): a batch whose GAE advantages barely vary (no
+    reward signal, only critic noise) keeps small advantages instead of unit-size ones."""
     scale_by_std: bool = True
     """Divide group-relative scores by the group std (False = Dr.GRPO)."""
     step_weight: float = 1.0
@@ -376,7 +379,7 @@ _AT_LEAST_ONE = (
     "sft.batch_size", "sft.num_demos", "mesh.fsdp", "mesh.tensor",
 )
 _NON_NEGATIVE = (
-    "seed", "env.max_invalid_calls", "rollout.top_k", "algo.step_weight",
+    "seed", "env.max_invalid_calls", "rollout.top_k", "algo.step_weight", "algo.whiten_std_floor",
     "algo.value_coef", "algo.entropy_coef", "algo.kl_coef", "optim.warmup_steps", "optim.micro_batch_rows",
     "optim.weight_decay", "train.iterations", "sft.steps", "sft.seed_offset",
 )

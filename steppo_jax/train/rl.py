@@ -63,10 +63,14 @@ def load_policy_params(path: str, like):
 @functools.partial(jax.jit, static_argnames=("critic_level",))
 def batch_stats(batch: StepBatch, logp, values, credit, rewards, *, critic_level: str | None) -> dict:
     """Scalars of an iteration's batch (one program): the largest gap between the sampler's
-    and the trainer's log-probs, the reward sum, the real tokens and the critic's explained
-    variance on the returns it is trained toward. logp, values [B, T]; rewards [N, S]."""
-    out = {"sampler_logp_gap": jnp.max(jnp.where(batch.action_mask, jnp.abs(logp - batch.old_logp), 0.0)),
-           "reward_sum": jnp.sum(rewards), "tokens": jnp.sum(batch.seq_lens)}
+    and the trainer's log-probs, the reward sum, the real tokens, the advantages' std over the
+    action tokens and the critic's explained variance on the returns it is trained toward. logp, values [B, T]; rewards [N, S]."""
+    act = batch.action_mask
+    n_act = jnp.maximum(jnp.sum(act), 1)
+    adv_mean = jnp.sum(jnp.where(act, credit.advantages_bt, 0.0)) / n_act
+    out = {"sampler_logp_gap": jnp.max(jnp.where(act, jnp.abs(logp - batch.old_logp), 0.0)),
+           "reward_sum": jnp.sum(rewards), "tokens": jnp.sum(batch.seq_lens),
+           "adv_std": jnp.sqrt(jnp.sum(jnp.where(act, (credit.advantages_bt - adv_mean) ** 2, 0.0)) / n_act)}
     if critic_level == "step":
         v = jnp.take_along_axis(values, batch.value_pos, axis=1)
         ret, mask = credit.returns_bs, batch.slot_mask()
@@ -251,7 +255,7 @@ class Trainer:
                "policy/ratio_mean": mean("ratio_mean"), "policy/ratio_max": float(np.max([u["ratio_max"] for u in updates])),
                "policy/grad_norm": mean("grad_norm"), "value/loss": mean("value_loss"),
                "skipped_updates": float(np.sum([u["skipped"] for u in updates])),
-               "sampler_logp_gap": float(diag["sampler_logp_gap"]), "rows": float(rows), "seq_len": float(host_batch.seq_len),
+               "adv/std": float(diag["adv_std"]), "sampler_logp_gap": float(diag["sampler_logp_gap"]), "rows": float(rows), "seq_len": float(host_batch.seq_len),
                "time/passes": t2 - t1, "time/update": t3 - t2}
         if "kl_ref" in updates[0]:
             out["policy/kl"] = mean("kl_ref")

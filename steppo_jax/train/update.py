@@ -111,7 +111,8 @@ def score(models: Models, params, ref_params, tokens, segment_ids, *, temperatur
 
 
 def estimator_config(algo: AlgoSection) -> EstimatorConfig:
-    return EstimatorConfig(gamma=algo.gamma, lam=algo.lam, whiten=algo.whiten, scale_by_std=algo.scale_by_std,
+    return EstimatorConfig(gamma=algo.gamma, lam=algo.lam, whiten=algo.whiten, whiten_std_floor=algo.whiten_std_floor,
+                           scale_by_std=algo.scale_by_std,
                            step_weight=algo.step_weight)
 
 
