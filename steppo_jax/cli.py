@@ -7,7 +7,7 @@
     steppo eval  --checkpoint runs/default/checkpoints
     steppo export --checkpoint runs/default/checkpoints --out runs/default/hf
     steppo plan  --config configs/paper_hotpotqa_qwen2.5_3b.yaml --topology v5e-32   # fits? (exit 1 if not)
-    steppo compare --config configs/credit_multihop.yaml --methods step_gae,grpo --seeds 0,1,2 --out runs/cmp
+    steppo compare --config configs/default.yaml --methods step_gae,grpo --seeds 0,1,2 --out runs/compare
 
 With ``STEPPO_DISTRIBUTED=1`` (one process per host), demo, sft, train and eval first join the
 run's processes (``steppo_jax.train.distributed.initialize``).

@@ -28,6 +28,8 @@ def test_bad_grids_are_one_line_errors_and_overwrite_nothing(tmp_path, capsys):
     assert "algo.estimator" in capsys.readouterr().err
     assert cli.main(["compare", "--config", CONFIG, "--seeds", "0,x", "--out", str(out)]) == 2
     assert "--seeds" in capsys.readouterr().err
+    assert cli.main(["compare", "--config", CONFIG, "--jobs", "0", "--out", str(out)]) == 2
+    assert "--jobs must be >= 1" in capsys.readouterr().err and not out.exists()
 
     Grid(CONFIG, ["step_gae"], [0], str(out), ["train.iterations=3"]).claim()
     recorded = (out / "grid.json").read_text()

@@ -133,17 +133,6 @@ def test_multihop_mistake_is_answering_after_the_first_hop():
     assert env.step(env.expert_action()).reward == 1.0
 
 
-def test_multihop_mistake_min_hops_spares_shorter_questions():
-    env = make("multihop_qa", difficulty=3, mistake_min_hops=3)
-    hops = {}
-    for task in range(12):
-        env.reset(task, 0)
-        env.step(env.expert_action())  # one hop found, more to go on every level-3 question
-        hops[env.world.hops] = env.mistake_action()
-    assert hops.keys() == {2, 3} and hops[2] is None
-    assert parse_tool_call(hops[3]).call.name == "answer"
-
-
 def test_final_answer_without_tool_call_where_allowed():
     env = make("multihop_qa", difficulty=1, allow_final_answer=True)
     env.reset(5, 0)

@@ -141,10 +141,8 @@ class MultihopQAEnv(ToolEnv):
     """Generated multi-hop QA with BM25 ``search`` and an ``answer`` tool.
 
     Options: difficulty (1–4), top_k (passages per search; default from the level), max_steps
-    (default: the level's max hops + 3), mistake_min_hops (the SFT demonstrations' early answer,
-    ``mistake_action``, is only made on questions of at least this many hops), plus the
-    ``ToolEnv`` options; a final answer without a tool call (``allow_final_answer``) is the
-    reply's last line.
+    (default: the level's max hops + 3), plus the ``ToolEnv`` options; a final answer without a tool call
+    (``allow_final_answer``) is the reply's last line.
     """
 
     name = "multihop_qa"
@@ -152,7 +150,7 @@ class MultihopQAEnv(ToolEnv):
     def __init__(self, *, difficulty: int = 1, top_k: int | None = None,
                  max_steps: int | None = None, invalid_penalty: float = 0.1,
                  max_invalid_calls: int = 3, max_reply_chars: int = 2000,
-                 allow_final_answer: bool = False, mistake_min_hops: int = 1):
+                 allow_final_answer: bool = False):
         if difficulty not in LEVELS:
             raise ValueError(f"difficulty must be one of {sorted(LEVELS)}, got {difficulty!r}")
         self.level = LEVELS[difficulty]
@@ -163,7 +161,6 @@ class MultihopQAEnv(ToolEnv):
         super().__init__(max_steps=self.level.max_hops + 3 if max_steps is None else max_steps,
                          invalid_penalty=invalid_penalty, max_invalid_calls=max_invalid_calls,
                          max_reply_chars=max_reply_chars, allow_final_answer=allow_final_answer)
-        self.mistake_min_hops = mistake_min_hops
         self.world: World | None = None
         self._passages: list[str] = []
         self._index: BM25Index | None = None
@@ -219,10 +216,10 @@ class MultihopQAEnv(ToolEnv):
 
     def mistake_action(self) -> str | None:
         """Answering too early: after some but not all hops, the entity found last is given as
-        the answer (the typical multi-hop failure). None before the first search, once the
-        chain is complete, or on questions of fewer than ``mistake_min_hops`` hops."""
+        the answer (the typical multi-hop failure). None before the first search or once the
+        chain is complete."""
         seen = [i for i in range(self.world.hops) if i in self._seen]
-        if not seen or len(seen) == self.world.hops or self.world.hops < self.mistake_min_hops:
+        if not seen or len(seen) == self.world.hops:
             return None
         guess = self.world.chain[max(seen)][2]
         return f"The answer is {guess}.\n" + format_tool_call("answer", {"answer": guess})

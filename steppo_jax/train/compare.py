@@ -1,7 +1,7 @@
 """``steppo compare``: a grid of credit methods x seeds on one config, run and summarised.
 
-    steppo compare --config configs/credit_multihop.yaml --methods step_gae,token_gae,grpo \\
-        --seeds 0,1,2 --out runs/compare/multihop --jobs 2
+    steppo compare --config configs/default.yaml --methods step_gae,token_gae,grpo \\
+        --seeds 0,1,2 --out runs/compare --jobs 2
 
 Every cell is one ``steppo train`` run in ``OUT/<method>/seed<k>/``: the same config, warm
 start, tasks, sampling budget and update count, with only the method's ``algo`` fields and the
@@ -82,8 +82,8 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 def _grid_fields(cfg: Config) -> dict:
-    """The config's fields (flattened) other than those a cell sets."""
-    return {k: v for k, v in _flat(config_to_dict(cfg)).items() if k not in CELL_FIELDS}
+    """The config's fields (flattened, as JSON values) other than those a cell sets."""
+    return json.loads(json.dumps({k: v for k, v in _flat(config_to_dict(cfg)).items() if k not in CELL_FIELDS}))
 
 
 class Grid:
@@ -100,7 +100,8 @@ class Grid:
                               f"({', '.join(CELL_FIELDS)}): use --methods, --seeds and --out")
         self.config, self.overrides, self.out = config, list(overrides), out
         self.fields = _grid_fields(load_config(config, self.overrides))  # validates the config once
-        self.cells = [Cell(m, s, os.path.join(out, m, f"seed{s}")) for m in methods for s in seeds]
+        # seed-major: a grid cut short has every method at the same number of seeds
+        self.cells = [Cell(m, s, os.path.join(out, m, f"seed{s}")) for s in seeds for m in methods]
 
     def cell_overrides(self, cell: Cell) -> list[str]:
         return [*self.overrides, *METHODS[cell.method], f"seed={cell.seed}", f"run_dir={cell.run_dir}"]
