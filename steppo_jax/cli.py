@@ -253,7 +253,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: %(default)s)")
     p.add_argument("--out", required=True, help="grid directory: one run directory per cell, and the summary")
     p.add_argument("--jobs", type=int, default=1, help="cells run at once, each its own process (default: 1)")
-    p.add_argument("--threshold", type=float, default=0.5,
+    p.add_argument("--threshold", type=float, default=0.9,
                    help="greedy success whose first iteration is reported (default: %(default)s)")
     p.add_argument("--summarise-only", action="store_true", help="rebuild the summary from finished cells only")
     p.add_argument("overrides", nargs="*", help="field=value overrides for every cell, e.g. train.iterations=20")

@@ -217,7 +217,7 @@ def cell_result(run_dir: str, threshold: float) -> dict:
                                                     "policy/kl", "policy/entropy", "tokens/action")}}
 
 
-def summarise(grid: Grid, threshold: float = 0.5) -> dict:
+def summarise(grid: Grid, threshold: float = 0.9) -> dict:
     """compare.json, compare.md and compare.png in the grid directory, from the finished cells;
     returns the compare.json object."""
     methods: dict[str, dict] = {}
@@ -242,7 +242,8 @@ def summarise(grid: Grid, threshold: float = 0.5) -> dict:
         json.dump(result, f, indent=1)
     with open(os.path.join(grid.out, "compare.md"), "w", encoding="utf-8") as f:
         f.write(table(result))
-    plot(result, os.path.join(grid.out, "compare.png"))
+    plot(result, os.path.join(grid.out, "compare.png"),
+         title=f"{os.path.basename(os.path.normpath(grid.out))}: {os.path.basename(grid.config)}")
     return result
 
 
@@ -276,7 +277,7 @@ def table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(result: dict, path: str) -> None:
+def plot(result: dict, path: str, title: str = "") -> None:
     """Greedy success over iterations per method: the mean over seeds and a min-max band."""
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
@@ -288,7 +289,7 @@ def plot(result: dict, path: str) -> None:
         ax.fill_between(iters, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.15)
     ax.set_xlabel("iteration")
     ax.set_ylabel("greedy success (held-out tasks)")
-    ax.set_title(os.path.basename(result["config"]))
+    ax.set_title(title or os.path.basename(result["config"]))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
