@@ -19,16 +19,24 @@ def bucket(n: int, minimum: int = 8) -> int:
     return max(minimum, 1 << max(n - 1, 0).bit_length())
 
 
-def prefill_width(n: int, chunk: int) -> int:
+def prefill_width(n: int, chunk: int, minimum: int = 8) -> int:
     """Tokens a call prefills for ``n`` (the longest row's new tokens + its pending token): a
-    power of two up to ``chunk``, then a multiple of ``chunk`` (prefilled a chunk at a time)."""
-    return bucket(n) if n <= chunk else -(-n // chunk) * chunk
+    power of two (>= ``minimum``) up to ``chunk``, then a multiple of ``chunk`` (prefilled a
+    chunk at a time)."""
+    return bucket(n, minimum) if n <= chunk else -(-n // chunk) * chunk
 
 
 @jax.jit
 def _row_keys(key: jax.Array, rows: jax.Array) -> jax.Array:
     """One key per global row index: rows [B] -> keys [B]."""
     return jax.vmap(jax.random.fold_in, (None, 0))(key, rows)
+
+
+@jax.jit
+def reply_keys(key: jax.Array, steps: jax.Array, rows: jax.Array) -> jax.Array:
+    """The key of step steps[b] of global row rows[b] of a rollout keyed ``key`` [B]: the key
+    `Sampler.step(..., fold_in(key, step))` gives that row, for `Sampler.decode`."""
+    return jax.vmap(lambda k, r: jax.random.fold_in(jax.random.fold_in(key, k), r))(steps, rows)
 
 
 class StepOutput(NamedTuple):
@@ -57,6 +65,10 @@ class Sampler:
     top-k/top-p truncation, renormalised: see `SamplingParams`); without top-k/top-p they equal
     `steppo_jax.models.token_logprobs` of the trainer's forward on the same tokens.
     `set_params` swaps in new weights without recompiling.
+
+    `decode` serves the slot engine (`steppo_jax.rollout.SlotEngine`): each row is a slot,
+    each call draws at most `chunk` tokens of every active slot's reply, with the slot's own
+    reply key, so a reply cut into chunks is the one `step` draws.
 
     Row b samples with the key `fold_in(key, first_row + b)`: a sampler holding rows
     [first_row, first_row + B) of a larger batch (one process's share) draws exactly what one
@@ -96,6 +108,25 @@ class Sampler:
         """new_tokens: B lists of ids (None: inactive row); stop_ids: one id list shared by all
         rows, or one list per row; key: PRNG key of the whole batch (see the class). Returns `StepOutput` (row b's tokens end on a
         stop id when stopped[b], else after max_new_tokens)."""
+        keys = _row_keys(key, jnp.arange(self.first_row, self.first_row + self.batch_size))
+        return self._generate(new_tokens, stop_ids, keys, reset, np.zeros(self.batch_size, np.int32),
+                              self.max_new_tokens)
+
+    def decode(self, new_tokens: Sequence[Sequence[int] | None], stop_ids, keys: jax.Array,
+               offsets: Sequence[int], reset: Sequence[bool], chunk: int) -> StepOutput:
+        """At most ``chunk`` tokens of each active row's reply (the slot engine's call).
+
+        A row starting a reply (offsets[b] == 0) appends new_tokens[b] as in `step`; a row
+        continuing one passes [] and the tokens its reply holds so far as offsets[b].
+        keys [B]: each row's reply key (`reply_keys`); a row's reply is the one `step` would
+        draw with that key, however it is cut into chunks. stopped[b]: the reply ended on a stop
+        token; it is also over when offsets[b] + len(tokens[b]) reaches max_new_tokens.
+        """
+        if not 1 <= chunk <= self.max_new_tokens:
+            raise ValueError(f"chunk={chunk} must be in [1, max_new_tokens={self.max_new_tokens}]")
+        return self._generate(new_tokens, stop_ids, keys, reset, np.asarray(offsets, np.int32), chunk)
+
+    def _generate(self, new_tokens, stop_ids, keys, reset, offsets: np.ndarray, chunk: int) -> StepOutput:
         b = self.batch_size
         if self.params is None:
             raise ValueError("the sampler was released: set_params before the next step")
@@ -111,26 +142,27 @@ class Sampler:
         for r in np.flatnonzero(active):
             if lengths[r] + lens[r] == 0:
                 raise ValueError(f"row {r} is active but has no context to decode from")
-            if lengths[r] + lens[r] + self.max_new_tokens > self.capacity:
+            if lengths[r] + lens[r] + self.max_new_tokens - offsets[r] > self.capacity:
                 raise ValueError(f"row {r}: {lengths[r]} cached + {lens[r]} new + max_new_tokens="
                                  f"{self.max_new_tokens} exceeds the cache capacity {self.capacity}")
         # attend only over the cache prefix this call can reach (power-of-two buckets, >= 128)
-        reach = int(np.max(np.where(active, lengths + lens + 1 + self.max_new_tokens, 1)))
+        reach = int(np.max(np.where(active, lengths + lens + 1 + chunk, 1)))
         span = min(self.capacity, bucket(reach, 128))
         # width + 1 (with the pending token generate prepends) is a power of two or a multiple
-        # of the prefill chunk
-        tok = np.zeros((b, prefill_width(int(lens.max(initial=0)) + 1, self.prefill_chunk) - 1), np.int32)
+        # of the prefill chunk; a call that only continues replies prefills their pending tokens
+        longest = int(lens.max(initial=0))
+        tok = np.zeros((b, prefill_width(longest + 1, self.prefill_chunk, minimum=1 if longest == 0 else 8) - 1),
+                       np.int32)
         for r in np.flatnonzero(active):
             tok[r, :lens[r]] = new_tokens[r]
         stops = self._stop_array(stop_ids)
 
         with self._mesh_ctx():
-            keys = _row_keys(key, jnp.arange(self.first_row, self.first_row + b))
             self.state, out = jit_generate(
                 self.graphdef, self.params, self.state, jnp.asarray(tok), jnp.asarray(lens, jnp.int32),
-                jnp.asarray(active), jnp.asarray(reset_rows), jnp.asarray(stops), keys,
+                jnp.asarray(active), jnp.asarray(reset_rows), jnp.asarray(stops), keys, jnp.asarray(offsets),
                 max_new_tokens=self.max_new_tokens, sampling=self.sampling, span=span,
-                prefill_chunk=self.prefill_chunk)
+                prefill_chunk=self.prefill_chunk, chunk=chunk)
         tokens, logprobs, n, stopped = jax.device_get(tuple(out))
         self._lengths = np.where(active, lengths + lens + n, lengths)
         return StepOutput(
