@@ -109,3 +109,19 @@ def test_real_environments_through_the_pool():
 def test_bad_pool_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         EnvPool(**kwargs)
+
+
+def test_submitted_calls_finish_one_by_one_under_the_timeout():
+    envs = [FlakyEnv() for _ in range(3)]
+    with EnvPool(num_workers=3, timeout_s=0.5) as pool:
+        calls = [pool.submit(lambda e=e, a=a: e.step(a)) for e, a in zip(envs, ["sleep 0.2", "hang", "raise"])]
+        first = pool.wait(calls)  # the raise comes back at once, the others later
+        assert calls[2] in first and calls[1] not in first
+        with pytest.raises(RuntimeError, match="not finished"):
+            calls[1].result()
+        while not all(c.finished for c in calls):
+            pool.wait([c for c in calls if not c.finished])
+        results = [c.result() for c in calls]
+        assert results[0].value == "ok:sleep 0.2" and results[1].error.startswith("TimeoutError")
+        assert results[2].error.startswith("RuntimeError") and pool.num_failures == 2
+    envs[1].release.set()
