@@ -144,6 +144,18 @@ class RolloutSection:
     pack_step_rows: bool = True
     """``step_rows`` layout: pack several short step rows into one row (first-fit decreasing,
     segment-aware attention) instead of one step per row; ignored by ``packed``."""
+    engine: Literal["sync", "slots"] = "sync"
+    """``sync``: each round decodes one reply of every live trajectory, then every environment
+    steps; ``slots``: continuous batching (``steppo_jax.rollout.SlotEngine``): decode slots
+    refilled between chunks of ``decode_chunk`` tokens, environments stepping while other
+    slots decode. Greedy decoding gives the same trajectories either way."""
+    decode_chunk: int = 8
+    """``slots``: tokens each slot decodes per sampler call (between two refills); at most
+    ``max_new_tokens``."""
+    slots: int = 0
+    """``slots``: decode slots (each with its own KV cache of ``max_context`` tokens); 0 = one
+    per trajectory of the batch. Fewer slots than trajectories keep them busy while
+    environments answer (a trajectory that lost its slot re-prefills its stream)."""
 
 
 @dataclass(frozen=True)
@@ -371,12 +383,12 @@ def _get(cfg: Config, path: str) -> Any:
 _AT_LEAST_ONE = (
     "model.d_model", "model.attention_block", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.d_ff",
     "env.max_steps", "env.eval_tasks", "rollout.group_size", "rollout.tasks_per_iter",
-    "rollout.max_new_tokens", "rollout.max_context", "rollout.prefill_chunk", "optim.epochs", "optim.minibatches", "optim.logprob_chunk",
+    "rollout.max_new_tokens", "rollout.max_context", "rollout.prefill_chunk", "rollout.decode_chunk", "optim.epochs", "optim.minibatches", "optim.logprob_chunk",
     "train.checkpoint_every", "train.eval_every", "train.keep_checkpoints",
     "sft.batch_size", "sft.num_demos", "mesh.fsdp", "mesh.tensor",
 )
 _NON_NEGATIVE = (
-    "seed", "env.max_invalid_calls", "rollout.top_k", "algo.step_weight",
+    "seed", "env.max_invalid_calls", "rollout.top_k", "rollout.slots", "algo.step_weight",
     "algo.value_coef", "algo.entropy_coef", "algo.kl_coef", "optim.warmup_steps", "optim.micro_batch_rows",
     "optim.weight_decay", "train.iterations", "sft.steps", "sft.seed_offset",
 )
@@ -417,6 +429,8 @@ def _rules(cfg: Config):
     yield "model.n_kv_heads", m.source == "tiny" and m.n_heads % m.n_kv_heads != 0, "must divide model.n_heads"
     yield ("rollout.max_new_tokens", r.max_new_tokens >= r.max_context,
            "must be smaller than rollout.max_context")
+    yield ("rollout.decode_chunk", r.decode_chunk > r.max_new_tokens,
+           f"must be <= rollout.max_new_tokens ({r.max_new_tokens}): a chunk draws at most one reply's tokens")
     yield ("rollout.layout", a.estimator == "token_gae" and r.layout != "packed",
            "must be 'packed' for algo.estimator 'token_gae' (its recursion runs across the steps of one row)")
     yield ("rollout.history_window", r.history_window is not None and r.history_window < 0, "must be >= 0 or null")

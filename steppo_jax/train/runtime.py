@@ -18,8 +18,8 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from steppo_jax import envs, sharding
-from steppo_jax.rollout import (RolloutEngine, RolloutSettings, TrajectoryRecord, bucket_len, packed_batch,
-                               step_rows_batch)
+from steppo_jax.rollout import (RolloutEngine, RolloutSettings, SlotEngine, TrajectoryRecord, bucket_len,
+                               packed_batch, step_rows_batch)
 from steppo_jax.sampling import Sampler, SamplingParams
 from steppo_jax.tokenizer import load_tokenizer
 from steppo_jax.train.config import Config, ConfigError
@@ -113,9 +113,14 @@ class Runtime:
                                history_window=r.history_window)
 
     def sampler(self, model, batch_size: int, *, greedy: bool = False, first_row: int = 0) -> Sampler:
-        """A sampler on ``sample_mesh`` for rows [first_row, first_row + batch_size) of a batch."""
+        """A sampler on ``sample_mesh`` for rows [first_row, first_row + batch_size) of a batch:
+        that many rows, or ``rollout.slots`` decode slots for the slot engine (rounded up to a
+        multiple of the sample mesh's batch shards)."""
         r = self.cfg.rollout
         sampling = SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, greedy=greedy)
+        if r.engine == "slots" and r.slots:
+            shards = self.sample_mesh.shape["data"] * self.sample_mesh.shape["fsdp"]
+            batch_size = -(-min(r.slots, batch_size) // shards) * shards
         return Sampler(model, batch_size=batch_size, capacity=r.max_context, max_new_tokens=r.max_new_tokens,
                        sampling=sampling, mesh=self.sample_mesh, first_row=first_row,
                        prefill_chunk=r.prefill_chunk)
@@ -140,8 +145,14 @@ class Runtime:
         local = sharding.state_shardings(params, self.sample_mesh, sharding.DECODE_RULES)
         return jax.tree.map(_to_local, on_train, local)
 
-    def engine(self, sampler, make_env=None) -> RolloutEngine:
-        return RolloutEngine(make_env or self.env_factory(), self.tokenizer, sampler, self.settings(), self.pool)
+    def engine(self, sampler, make_env=None, *, synchronous: bool = False) -> RolloutEngine:
+        """The configured engine (``rollout.engine``) around ``sampler``; ``synchronous``: the
+        step-synchronous one whatever the config (a scripted sampler has no ``decode``)."""
+        make_env = make_env or self.env_factory()
+        if self.cfg.rollout.engine == "slots" and not synchronous:
+            return SlotEngine(make_env, self.tokenizer, sampler, self.settings(), self.pool,
+                              chunk=self.cfg.rollout.decode_chunk)
+        return RolloutEngine(make_env, self.tokenizer, sampler, self.settings(), self.pool)
 
     def layout(self, records: list[TrajectoryRecord], *, seq_len: int | None = None, num_rows: int | None = None,
                num_slots: int | None = None) -> StepBatch:

@@ -1,0 +1,128 @@
+"""Continuous batching over agent steps: B decode slots serve N trajectories, envs off the critical path.
+
+Each slot of the sampler is an independent conversation with its own KV region. One sampler
+call (``Sampler.decode``) draws a chunk of at most K tokens for every busy slot; between
+chunks the host retires the replies that ended (each goes to its environment at once, on the
+pool, while decoding goes on) and refills the idle slots with pending work: the next step of
+a trajectory whose environment has answered, in the order the answers came, first into the
+slot that still holds that trajectory's cache (only the observation is prefilled), else into
+an empty slot, one whose trajectory has ended, or one whose trajectory is waiting on its
+environment (that trajectory's cache is evicted: its next step re-prefills its whole stream).
+
+A reply is drawn with the key of its (step, trajectory) (``sampling.reply_keys``), the key
+the step-synchronous ``RolloutEngine`` gives it, so where a slot runs a reply and how it is
+cut into chunks do not change the tokens: greedy decoding yields the same trajectories as the
+synchronous engine, and sampling does too up to floating-point ties.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from steppo_jax.envs.pool import Call
+from steppo_jax.rollout.engine import RolloutEngine, RolloutTimings
+from steppo_jax.rollout.records import TrajectoryRecord
+from steppo_jax.sampling import reply_keys
+
+
+class SlotEngine(RolloutEngine):
+    """``RolloutEngine``'s episodes, decoded on ``sampler.batch_size`` slots in chunks of ``chunk``
+    tokens; any number of trajectories per ``collect``."""
+
+    def __init__(self, make_env, tokenizer, sampler, settings, pool, *, chunk: int):
+        super().__init__(make_env, tokenizer, sampler, settings, pool)
+        if not 1 <= chunk <= sampler.max_new_tokens:
+            raise ValueError(f"decode chunk {chunk} must be in [1, max_new_tokens={sampler.max_new_tokens}]")
+        self.chunk = chunk
+
+    def collect(self, tasks: Sequence[tuple[int, int]], group_size: int, key: jax.Array,
+                timings: RolloutTimings | None = None) -> list[TrajectoryRecord]:
+        """Rolls out ``group_size`` episodes of each (task_id, seed); returns N = len(tasks) * G
+        records, trajectory i's replies drawn as row ``sampler.first_row + i`` of the
+        synchronous engine's batch."""
+        timings = timings or RolloutTimings()
+        envs, records, new, opening = self._start(tasks, group_size, timings)
+        t0 = time.perf_counter()
+        N, B, K = len(records), self.sampler.batch_size, self.chunk
+        rebuild = self.settings.history_window is not None
+        home = np.full(N, -1)  # the slot holding trajectory i's cache
+        owner = np.full(B, -1)  # the trajectory whose cache slot b holds
+        busy = np.full(B, -1)  # the trajectory decoding in slot b
+        offsets = np.zeros(B, np.int32)
+        replies: list[tuple[list[int], list[float]]] = [([], []) for _ in range(B)]
+        start: list[list[int] | None] = [None] * B  # ids a slot prefills before its next chunk
+        reset = np.zeros(B, bool)
+        closed = np.zeros(N, bool)
+        waiting: dict[int, Call] = {}  # trajectory -> its environment's pending step
+        # trajectories whose next step can be decoded (a rebuilt prompt is built as it joins)
+        ready = collections.deque(i for i in range(N)
+                                  if records[i].live and (not rebuild or self._rebuild(records[i], opening[i], new, i)))
+        timings.glue_s += time.perf_counter() - t0
+        while True:
+            t0 = time.perf_counter()
+            idle = not ready and (busy < 0).all()
+            if waiting:
+                finished = self.pool.wait(list(waiting.values()), timeout=None if idle else 0)
+                timings.env_s += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                for i in sorted(i for i, call in waiting.items() if call in finished):
+                    rec = records[i]
+                    self._advance(rec, waiting.pop(i).result(), bool(closed[i]), rec.num_steps, new, i)
+                    if rec.live and (not rebuild or self._rebuild(rec, opening[i], new, i)):
+                        ready.append(i)
+            elif idle:
+                break
+            for i in list(ready):  # first into the slot that still holds the trajectory's cache
+                if not rebuild and home[i] >= 0 and busy[home[i]] < 0:
+                    b = home[i]
+                    busy[b], start[b], reset[b], offsets[b] = i, new[i], False, 0
+                    ready.remove(i)
+            while ready and (busy < 0).any():
+                i = ready.popleft()
+                b = self._free_slot(owner, busy, records)
+                if owner[b] >= 0:
+                    home[owner[b]] = -1
+                owner[b], home[i], busy[b], offsets[b], reset[b] = i, b, i, 0, True
+                start[b] = new[i] if rebuild else records[i].tokens  # a fresh slot prefills the whole stream
+            timings.glue_s += time.perf_counter() - t0
+            if (busy < 0).all():
+                continue
+            t0 = time.perf_counter()
+            rows = np.maximum(busy, 0)
+            keys = reply_keys(key, jnp.asarray([records[i].num_steps for i in rows]),
+                              jnp.asarray(self.sampler.first_row + rows))
+            out = self.sampler.decode([None if busy[b] < 0 else (start[b] if offsets[b] == 0 else [])
+                                       for b in range(B)], self.codec.stop_ids, keys, offsets, reset, K)
+            timings.sampler_s += time.perf_counter() - t0
+            timings.count_call(out.tokens, B)
+            t0 = time.perf_counter()
+            for b in np.flatnonzero(busy >= 0):
+                replies[b][0].extend(out.tokens[b])
+                replies[b][1].extend(out.logprobs[b])
+                offsets[b] += len(out.tokens[b])
+                reset[b] = False
+                if out.stopped[b] or offsets[b] >= self.sampler.max_new_tokens:
+                    i = busy[b]
+                    action = self._act(records[i], *replies[b])
+                    closed[i], busy[b], replies[b] = out.stopped[b], -1, ([], [])
+                    waiting[i] = self.pool.submit(lambda env=envs[i], a=action: env.step(a))
+            timings.glue_s += time.perf_counter() - t0
+        self._finish(records, opening)
+        return records
+
+    @staticmethod
+    def _free_slot(owner: np.ndarray, busy: np.ndarray, records: list[TrajectoryRecord]) -> int:
+        """An idle slot to give new work: an empty one, else one whose trajectory has ended,
+        else (evicting its cache) one whose trajectory waits on its environment."""
+        idle = np.flatnonzero(busy < 0)
+        for fits in (lambda b: owner[b] < 0, lambda b: not records[owner[b]].live):
+            for b in idle:
+                if fits(b):
+                    return int(b)
+        return int(idle[0])
