@@ -1,12 +1,18 @@
-"""Rollout throughput on the default environment with the tiny model, and what the trainer
+"""Rollout throughput on the default environment with the tiny model: the step-synchronous
+engine against the slot engine, on environments with a simulated latency; and what the trainer
 must process per trajectory in the packed layout vs per-step rows.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/rollout.py [--batches 3]
+    PYTHONPATH=. .venv/bin/python benchmarks/rollout.py [--batches 3] [--slots 16 --chunk 8]
 
-Measures environment steps/s and generated tokens/s of the rollout loop (sampler + envs +
-host glue, split by time), with the shipped warm-start policy. Then, from the measured mean
-prompt, reply and observation lengths, the tokens per trajectory of each layout for 5, 10
-and 20-step trajectories (per-step rows repeat the history every step). Writes
+Both engines roll out the same batches with the shipped warm-start policy (so the demo's
+reply lengths), batches alternating between the engines so that machine load hits both
+alike. Every environment step first sleeps a log-normal time (median 50 ms, p99 1 s; the
+k-th environment built draws the same times under both engines). Reports per engine
+environment steps/s, generated tokens/s, the time split (sampler, waiting for environments,
+host glue) and the slot utilisation (useful decoded tokens / slot-steps); the ratios are
+``env_steps_speedup`` (slots / synchronous) and the utilisations. Then, from the measured mean
+prompt, reply and observation lengths, the tokens per trajectory of each layout for 5, 10 and
+20-step trajectories (per-step rows repeat the history every step). Writes
 benchmarks/out/rollout.json.
 """
 
@@ -14,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -22,18 +30,78 @@ import jax
 import numpy as np
 from flax import nnx
 
-from steppo_jax.rollout import RolloutTimings
+from steppo_jax.rollout import RolloutEngine, RolloutTimings, SlotEngine
+from steppo_jax.sampling import Sampler
 from steppo_jax.train.config import load_config
 from steppo_jax.train.rl import load_policy_params
 from steppo_jax.train.runtime import Runtime
 from steppo_jax.train.state import build_models
 from steppo_jax.train.tasks import TaskBatches, task_split
 
+P99_Z = 2.3263478740408408  # the standard normal's 99th percentile
+
+
+class LatencyEnv:
+    """An environment whose every step first sleeps a log-normal time of the given median and
+    99th percentile, drawn from ``seed`` (the rest is the wrapped environment's)."""
+
+    def __init__(self, env, seed: int, median_s: float = 0.05, p99_s: float = 1.0):
+        self.env, self.name, self.max_steps = env, env.name, env.max_steps
+        self.rng = np.random.default_rng(seed)
+        self.mu, self.sigma = math.log(median_s), math.log(p99_s / median_s) / P99_Z
+
+    def reset(self, task_id, seed):
+        return self.env.reset(task_id, seed)
+
+    def step(self, action_text):
+        time.sleep(self.rng.lognormal(self.mu, self.sigma))
+        return self.env.step(action_text)
+
+
+def latency_factory(make_env, median_s: float, p99_s: float):
+    """Builds ``LatencyEnv``s, the k-th with seed k (``reset_count`` starts it again at 0)."""
+    count = [0]
+
+    def factory():
+        count[0] += 1
+        return LatencyEnv(make_env(), count[0], median_s, p99_s)
+
+    factory.reset_count = lambda: count.__setitem__(0, 0)
+    return factory
+
+
+def measure(engines: dict, tasks, group_size: int, batches: int, factory) -> dict:
+    """Rolls out batches 1..``batches`` with each engine (alternating); per engine its timings,
+    records and wall time."""
+    out = {name: dict(timings=RolloutTimings(), records=[], wall=0.0) for name in engines}
+    for i in range(1, batches + 1):
+        for name, engine in engines.items():
+            factory.reset_count()
+            t0 = time.perf_counter()
+            out[name]["records"] += engine.collect(tasks(i), group_size, jax.random.key(i), out[name]["timings"])
+            out[name]["wall"] += time.perf_counter() - t0
+    return out
+
+
+def summary(m: dict) -> dict:
+    records, wall, t = m["records"], m["wall"], m["timings"]
+    steps = sum(r.num_steps for r in records)
+    generated = sum(e - s for r in records for s, e in r.step_spans)
+    return dict(trajectories=len(records), env_steps=steps, generated_tokens=generated, wall_s=wall,
+                env_steps_per_s=steps / wall, generated_tokens_per_s=generated / wall,
+                slot_utilisation=t.slot_utilisation,
+                time_split={"sampler": t.sampler_s / wall, "env_wait": t.env_s / wall, "glue": t.glue_s / wall},
+                success=float(np.mean([r.success for r in records])))
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/default.yaml")
     parser.add_argument("--batches", type=int, default=3)
+    parser.add_argument("--slots", type=int, default=0, help="decode slots of the slot engine (0: one per trajectory)")
+    parser.add_argument("--chunk", type=int, default=8, help="tokens per slot per sampler call")
+    parser.add_argument("--median-ms", type=float, default=50.0)
+    parser.add_argument("--p99-ms", type=float, default=1000.0)
     parser.add_argument("--out", default="benchmarks/out/rollout.json")
     args = parser.parse_args()
     cfg = load_config(args.config)
@@ -41,30 +109,48 @@ def main():
     models, params = build_models(cfg, len(rt.tokenizer), rt.mesh)
     if cfg.model.warm_start:
         params["policy"] = load_policy_params(cfg.model.warm_start, params["policy"])
-    B = cfg.rollout.tasks_per_iter * cfg.rollout.group_size
-    sampler = rt.sampler(nnx.merge(models.policy_def, params["policy"]), B)
-    engine = rt.engine(sampler)
-    tasks = TaskBatches(task_split(cfg.env, rt.env_factory()()).train, cfg.rollout.tasks_per_iter, cfg.seed)
-    engine.collect(tasks(0), cfg.rollout.group_size, jax.random.key(0))  # compile
-    timings, records, wall = RolloutTimings(), [], 0.0
-    for i in range(1, args.batches + 1):
-        t0 = time.perf_counter()
-        records += engine.collect(tasks(i), cfg.rollout.group_size, jax.random.key(i), timings)
-        wall += time.perf_counter() - t0
-    steps = sum(r.num_steps for r in records)
-    generated = sum(e - s for r in records for s, e in r.step_spans)
-    prompt = np.mean([r.step_spans[0][0] for r in records if r.step_spans])
-    reply = generated / max(steps, 1)
-    gaps = [r.step_spans[k + 1][0] - r.step_spans[k][1] for r in records for k in range(len(r.step_spans) - 1)]
+    r = cfg.rollout
+    B = r.tasks_per_iter * r.group_size
+    policy = nnx.merge(models.policy_def, params["policy"])
+    factory = latency_factory(rt.env_factory(), args.median_ms / 1000, args.p99_ms / 1000)
+    slots = args.slots or B
+    sync_sampler = rt.sampler(policy, B)
+    slot_sampler = Sampler(policy, **{**{f: getattr(sync_sampler, f) for f in ("capacity", "max_new_tokens",
+                                                                               "sampling", "prefill_chunk")},
+                                      "batch_size": slots, "mesh": rt.sample_mesh})
+    engines = {"sync": RolloutEngine(factory, rt.tokenizer, sync_sampler, rt.settings(), rt.pool),
+               "slots": SlotEngine(factory, rt.tokenizer, slot_sampler, rt.settings(), rt.pool, chunk=args.chunk)}
+    tasks = TaskBatches(task_split(cfg.env, rt.env_factory()()).train, r.tasks_per_iter, cfg.seed)
+    for engine in engines.values():  # compile
+        engine.collect(tasks(0), r.group_size, jax.random.key(0))
+    load = os.getloadavg()[0]
+    measured = measure(engines, tasks, r.group_size, args.batches, factory)
+    runs = {name: summary(m) for name, m in measured.items()}
+    sync, slot = runs["sync"], runs["slots"]
+    records = measured["sync"]["records"]
+    steps = sum(x.num_steps for x in records)
+    prompt = np.mean([x.step_spans[0][0] for x in records if x.step_spans])
+    reply = sum(e - s for x in records for s, e in x.step_spans) / max(steps, 1)
+    gaps = [x.step_spans[k + 1][0] - x.step_spans[k][1] for x in records for k in range(len(x.step_spans) - 1)]
     obs = float(np.mean(gaps)) if gaps else 0.0
-    result = dict(date=time.strftime("%Y-%m-%d"), machine=platform.machine(), trajectories=len(records),
-                  env_steps_per_s=steps / wall, generated_tokens_per_s=generated / wall,
-                  time_split={"sampler": timings.sampler_s / wall, "env": timings.env_s / wall,
-                              "glue": timings.glue_s / wall},
+    replies = [e - s for x in records for s, e in x.step_spans]
+    result = dict(date=time.strftime("%Y-%m-%d"), machine=platform.machine(), cpus=os.cpu_count(),
+                  load_average_before=load, load_average_after=os.getloadavg()[0],
+                  env_latency={"median_ms": args.median_ms, "p99_ms": args.p99_ms, "workers": rt.pool.num_workers},
+                  slots=slots, decode_chunk=args.chunk, batches=args.batches,
+                  slot_utilisation=slot["slot_utilisation"], slot_utilisation_sync=sync["slot_utilisation"],
+                  env_steps_speedup=slot["env_steps_per_s"] / sync["env_steps_per_s"], engines=runs,
+                  reply_tokens={"mean": float(np.mean(replies)), "p50": float(np.median(replies)),
+                                "p90": float(np.percentile(replies, 90)), "max": int(np.max(replies))},
                   mean_prompt=float(prompt), mean_reply=float(reply), mean_observation=obs, layouts=[])
-    print(f"{len(records)} trajectories, {steps} env steps, {generated} generated tokens in {wall:.2f}s: "
-          f"{steps / wall:.1f} env steps/s, {generated / wall:.0f} tokens/s")
-    print("time split: " + ", ".join(f"{k} {v:.0%}" for k, v in result["time_split"].items()))
+    for name, run in runs.items():
+        print(f"{name:>5}: {run['trajectories']} trajectories, {run['env_steps']} env steps in {run['wall_s']:.2f}s: "
+              f"{run['env_steps_per_s']:.1f} env steps/s, {run['generated_tokens_per_s']:.0f} tokens/s, "
+              f"slot utilisation {run['slot_utilisation']:.1%}; "
+              + ", ".join(f"{k} {v:.0%}" for k, v in run["time_split"].items()))
+    print(f"env steps/s: slots / sync = x{result['env_steps_speedup']:.2f}; "
+          f"slot utilisation {slot['slot_utilisation']:.1%} (sync {sync['slot_utilisation']:.1%}); "
+          f"load average {load:.1f} -> {result['load_average_after']:.1f} on {os.cpu_count()} CPUs")
     print(f"mean prompt {prompt:.0f}, reply {reply:.1f}, observation {obs:.1f} tokens")
     for k in (5, 10, 20):
         packed = prompt + k * reply + (k - 1) * obs

@@ -72,7 +72,7 @@ class EnvPool:
         self._queue: queue.SimpleQueue[Call | None] = queue.SimpleQueue()
         self._cond = threading.Condition()
         self._closed = False
-        self._num_workers = num_workers
+        self.num_workers = num_workers
         for _ in range(num_workers):
             self._spawn_worker()
 
@@ -163,7 +163,7 @@ class EnvPool:
         """Stop the idle workers (a hung call's thread is left to finish on its own)."""
         if not self._closed:
             self._closed = True
-            for _ in range(self._num_workers):
+            for _ in range(self.num_workers):
                 self._queue.put(None)
 
     def __enter__(self) -> "EnvPool":

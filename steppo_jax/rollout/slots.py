@@ -4,10 +4,12 @@ Each slot of the sampler is an independent conversation with its own KV region. 
 call (``Sampler.decode``) draws a chunk of at most K tokens for every busy slot; between
 chunks the host retires the replies that ended (each goes to its environment at once, on the
 pool, while decoding goes on) and refills the idle slots with pending work: the next step of
-a trajectory whose environment has answered, in the order the answers came, first into the
-slot that still holds that trajectory's cache (only the observation is prefilled), else into
-an empty slot, one whose trajectory has ended, or one whose trajectory is waiting on its
-environment (that trajectory's cache is evicted: its next step re-prefills its whole stream).
+a trajectory whose environment has answered, in its own slot (a trajectory keeps its slot,
+and so its cache, for its whole episode: only the observation is prefilled), and new
+trajectories, each into an empty slot or one whose trajectory has ended. With more
+trajectories than slots, new ones wait for a slot; a slot whose trajectory waits on its
+environment idles (evicting its cache would cost a re-prefill of the whole stream, which on
+the demo cost more than the idle slot-steps it saved).
 
 A reply is drawn with the key of its (step, trajectory) (``sampling.reply_keys``), the key
 the step-synchronous ``RolloutEngine`` gives it, so where a slot runs a reply and how it is
@@ -78,18 +80,13 @@ class SlotEngine(RolloutEngine):
                         ready.append(i)
             elif idle:
                 break
-            for i in list(ready):  # first into the slot that still holds the trajectory's cache
-                if not rebuild and home[i] >= 0 and busy[home[i]] < 0:
-                    b = home[i]
-                    busy[b], start[b], reset[b], offsets[b] = i, new[i], False, 0
-                    ready.remove(i)
-            while ready and (busy < 0).any():
+            for i in [i for i in ready if home[i] >= 0]:  # a trajectory keeps its slot (and cache)
+                b = home[i]
+                busy[b], start[b], reset[b], offsets[b] = i, new[i], rebuild, 0
+                ready.remove(i)
+            while ready and (b := self._free_slot(owner, busy, records)) is not None:  # new ones
                 i = ready.popleft()
-                b = self._free_slot(owner, busy, records)
-                if owner[b] >= 0:
-                    home[owner[b]] = -1
-                owner[b], home[i], busy[b], offsets[b], reset[b] = i, b, i, 0, True
-                start[b] = new[i] if rebuild else records[i].tokens  # a fresh slot prefills the whole stream
+                owner[b], home[i], busy[b], start[b], offsets[b], reset[b] = i, b, i, new[i], 0, True
             timings.glue_s += time.perf_counter() - t0
             if (busy < 0).all():
                 continue
@@ -117,12 +114,7 @@ class SlotEngine(RolloutEngine):
         return records
 
     @staticmethod
-    def _free_slot(owner: np.ndarray, busy: np.ndarray, records: list[TrajectoryRecord]) -> int:
-        """An idle slot to give new work: an empty one, else one whose trajectory has ended,
-        else (evicting its cache) one whose trajectory waits on its environment."""
-        idle = np.flatnonzero(busy < 0)
-        for fits in (lambda b: owner[b] < 0, lambda b: not records[owner[b]].live):
-            for b in idle:
-                if fits(b):
-                    return int(b)
-        return int(idle[0])
+    def _free_slot(owner: np.ndarray, busy: np.ndarray, records: list[TrajectoryRecord]) -> int | None:
+        """A slot for a new trajectory: an empty one, else one whose trajectory has ended."""
+        free = [b for b in np.flatnonzero(busy < 0) if owner[b] < 0 or not records[owner[b]].live]
+        return int(free[0]) if free else None

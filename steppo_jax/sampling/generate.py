@@ -4,8 +4,7 @@ Layout: row b's cache holds its whole conversation so far in slots [0, lengths[b
 position, so positions are exactly those of the trainer's packed row). A call appends each
 active row's new tokens at its own offset (no left padding; widths are bucketed by the caller),
 then decodes with a `lax.while_loop` until every active row has produced a stop token from its
-set or `max_new_tokens` — or, for the slot engine, after a chunk of at most `chunk` tokens,
-the reply resumed by the next call (`offsets`). The last sampled token of a row is not yet in the cache: it is kept as
+set or `max_new_tokens`. The last sampled token of a row is not yet in the cache: it is kept as
 `pending` and prefilled in front of that row's new tokens on the next call, so across calls
 the cache always matches every token so far. Inactive rows change nothing.
 """
@@ -56,9 +55,9 @@ def init_state(config: ModelConfig, batch: int, capacity: int) -> DecodeState:
     return DecodeState(init_kv(config, batch, capacity), zeros, zeros, zeros.astype(bool))
 
 
-def _fold_in(keys: jax.Array, i: jax.Array) -> jax.Array:
-    """keys [B], token indices i [B] -> the keys of each row's token i[b] [B]."""
-    return jax.vmap(jax.random.fold_in)(keys, i)
+def _fold_in(keys: jax.Array, i) -> jax.Array:
+    """keys [B] -> the keys of token ``i`` [B]."""
+    return jax.vmap(jax.random.fold_in, (0, None))(keys, i)
 
 
 def _prefill(model, tokens, lengths, count, kv, span, chunk: int):
@@ -85,10 +84,9 @@ def _prefill(model, tokens, lengths, count, kv, span, chunk: int):
 
 def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, new_tokens: jax.Array,
              new_lens: jax.Array, active: jax.Array, reset: jax.Array, stop_ids: jax.Array,
-             keys: jax.Array, offsets: jax.Array | None = None, *, max_new_tokens: int,
-             sampling: SamplingParams = SamplingParams(), span: int | None = None, prefill_chunk: int = 1024,
-             chunk: int | None = None) -> tuple[DecodeState, Generation]:
-    """One agent step (or a chunk of one) for every active row.
+             keys: jax.Array, *, max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
+             span: int | None = None, prefill_chunk: int = 1024) -> tuple[DecodeState, Generation]:
+    """One agent step for every active row.
 
     new_tokens [B,N] int32 (row b's first new_lens[b] entries are real); active [B] bool; reset
     [B] bool (forget the row's history first: a new conversation); stop_ids [B,S] int32 (-1 pads
@@ -99,30 +97,20 @@ def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, new_
     only; it must exceed every position this call writes (default: the whole capacity).
     prefill_chunk (static): new tokens prefilled per pass (N + 1 must be a multiple of it or
     at most it; powers of two are).
-    offsets [B] int32: tokens of the row's reply that earlier calls generated (default 0): its
-    token i here is token offsets[b] + i of the reply, drawn with the key
-    fold_in(keys[b], offsets[b] + i), and the row stops once offsets[b] + i reaches
-    max_new_tokens. chunk (static): at most this many tokens per row in this call (default
-    max_new_tokens); a row continues its reply in the next call with its new_lens 0 (only
-    its pending token is prefilled) and its offset advanced, drawing exactly the tokens one
-    call would have drawn.
-    Returns (new state, Generation), its arrays [B, chunk].
+    Returns (new state, Generation).
     """
-    chunk = chunk or max_new_tokens
     model = nnx.merge(graphdef, params)
     # per-row inputs share the cache's batch sharding (required under Explicit mesh axes)
     new_tokens, stop_ids = (constrain(x, ("batch", None)) for x in (new_tokens, stop_ids))
     new_lens, active, reset, keys = (constrain(x, ("batch",)) for x in (new_lens, active, reset, keys))
     b, n = new_tokens.shape
-    offsets = constrain(jnp.zeros((b,), jnp.int32) if offsets is None else offsets, ("batch",))
-    limit = jnp.minimum(max_new_tokens - offsets, chunk)  # tokens each row may draw in this call
     lengths = jnp.where(reset, 0, state.lengths)
     has_pending = state.has_pending & ~reset
 
     # Prefill: [pending?] + new tokens, at positions lengths[b] + i.
     tokens = jnp.where(has_pending[:, None],
                        jnp.concatenate([state.pending[:, None], new_tokens], axis=1),
-                       jnp.concatenate([new_tokens, jnp.zeros_like(state.pending[:, None])], axis=1))
+                       jnp.concatenate([new_tokens, jnp.zeros_like(new_tokens[:, :1])], axis=1))
     count = jnp.where(active, new_lens + has_pending.astype(jnp.int32), 0)
     last, kv = _prefill(model, tokens, lengths, count, state.kv, span, prefill_chunk)
     lengths = lengths + count
@@ -131,29 +119,29 @@ def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, new_
     def is_stop(tok):
         return jnp.any(tok[:, None] == stop_ids, axis=1)
 
-    tok, logp = select_tokens(logits, _fold_in(keys, offsets), sampling)
-    out_tok = constrain(jnp.zeros((b, chunk), jnp.int32), ("batch", None))
-    out_lp = constrain(jnp.zeros((b, chunk), jnp.float32), ("batch", None))
+    tok, logp = select_tokens(logits, _fold_in(keys, 0), sampling)
+    out_tok = constrain(jnp.zeros((b, max_new_tokens), jnp.int32), ("batch", None))
+    out_lp = constrain(jnp.zeros((b, max_new_tokens), jnp.float32), ("batch", None))
     out_tok = out_tok.at[:, 0].set(jnp.where(active, tok, 0))
     out_lp = out_lp.at[:, 0].set(jnp.where(active, logp, 0.0))
     stopped = active & is_stop(tok)
-    done = ~active | stopped | (limit <= 1)
+    done = ~active | stopped | (max_new_tokens == 1)
     counts = active.astype(jnp.int32)
 
     def cond(carry):
         i, _, _, _, done, *_ = carry
-        return (i < chunk) & ~jnp.all(done)
+        return (i < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
         i, kv, lengths, cur, done, stopped, counts, out_tok, out_lp = carry
         live = ~done
         h, kv = model.extend(cur[:, None], lengths[:, None], live[:, None], kv, span)
         lengths = lengths + live
-        tok, logp = select_tokens(model.logits(h[:, 0]), _fold_in(keys, offsets + i), sampling)
+        tok, logp = select_tokens(model.logits(h[:, 0]), _fold_in(keys, i), sampling)
         out_tok = out_tok.at[:, i].set(jnp.where(live, tok, 0))
         out_lp = out_lp.at[:, i].set(jnp.where(live, logp, 0.0))
         stop = live & is_stop(tok)
-        done = done | stop | (i + 1 >= limit)
+        done = done | stop | (i + 1 >= max_new_tokens)
         cur = jnp.where(live, tok, cur)
         return i + 1, kv, lengths, cur, done, stopped | stop, counts + live, out_tok, out_lp
 
@@ -168,6 +156,5 @@ def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, new_
     return new_state, Generation(out_tok, out_lp, counts, stopped)
 
 
-jit_generate = jax.jit(generate, static_argnames=("graphdef", "max_new_tokens", "sampling", "span", "prefill_chunk",
-                                                 "chunk"),
+jit_generate = jax.jit(generate, static_argnames=("graphdef", "max_new_tokens", "sampling", "span", "prefill_chunk"),
                        donate_argnames=("state",))

@@ -12,6 +12,7 @@ from flax import nnx
 
 from steppo_jax.sampling.generate import init_state, jit_generate
 from steppo_jax.sampling.select import SamplingParams
+from steppo_jax.sampling.slots import jit_decode_slots, jit_prefill_slots
 
 
 def bucket(n: int, minimum: int = 8) -> int:
@@ -19,11 +20,10 @@ def bucket(n: int, minimum: int = 8) -> int:
     return max(minimum, 1 << max(n - 1, 0).bit_length())
 
 
-def prefill_width(n: int, chunk: int, minimum: int = 8) -> int:
+def prefill_width(n: int, chunk: int) -> int:
     """Tokens a call prefills for ``n`` (the longest row's new tokens + its pending token): a
-    power of two (>= ``minimum``) up to ``chunk``, then a multiple of ``chunk`` (prefilled a
-    chunk at a time)."""
-    return bucket(n, minimum) if n <= chunk else -(-n // chunk) * chunk
+    power of two up to ``chunk``, then a multiple of ``chunk`` (prefilled a chunk at a time)."""
+    return bucket(n) if n <= chunk else -(-n // chunk) * chunk
 
 
 @jax.jit
@@ -68,7 +68,8 @@ class Sampler:
 
     `decode` serves the slot engine (`steppo_jax.rollout.SlotEngine`): each row is a slot,
     each call draws at most `chunk` tokens of every active slot's reply, with the slot's own
-    reply key, so a reply cut into chunks is the one `step` draws.
+    reply key, so a reply cut into chunks is the one `step` draws; only the slots starting a
+    reply are prefilled (`steppo_jax.sampling.slots`).
 
     Row b samples with the key `fold_in(key, first_row + b)`: a sampler holding rows
     [first_row, first_row + B) of a larger batch (one process's share) draws exactly what one
@@ -108,25 +109,6 @@ class Sampler:
         """new_tokens: B lists of ids (None: inactive row); stop_ids: one id list shared by all
         rows, or one list per row; key: PRNG key of the whole batch (see the class). Returns `StepOutput` (row b's tokens end on a
         stop id when stopped[b], else after max_new_tokens)."""
-        keys = _row_keys(key, jnp.arange(self.first_row, self.first_row + self.batch_size))
-        return self._generate(new_tokens, stop_ids, keys, reset, np.zeros(self.batch_size, np.int32),
-                              self.max_new_tokens)
-
-    def decode(self, new_tokens: Sequence[Sequence[int] | None], stop_ids, keys: jax.Array,
-               offsets: Sequence[int], reset: Sequence[bool], chunk: int) -> StepOutput:
-        """At most ``chunk`` tokens of each active row's reply (the slot engine's call).
-
-        A row starting a reply (offsets[b] == 0) appends new_tokens[b] as in `step`; a row
-        continuing one passes [] and the tokens its reply holds so far as offsets[b].
-        keys [B]: each row's reply key (`reply_keys`); a row's reply is the one `step` would
-        draw with that key, however it is cut into chunks. stopped[b]: the reply ended on a stop
-        token; it is also over when offsets[b] + len(tokens[b]) reaches max_new_tokens.
-        """
-        if not 1 <= chunk <= self.max_new_tokens:
-            raise ValueError(f"chunk={chunk} must be in [1, max_new_tokens={self.max_new_tokens}]")
-        return self._generate(new_tokens, stop_ids, keys, reset, np.asarray(offsets, np.int32), chunk)
-
-    def _generate(self, new_tokens, stop_ids, keys, reset, offsets: np.ndarray, chunk: int) -> StepOutput:
         b = self.batch_size
         if self.params is None:
             raise ValueError("the sampler was released: set_params before the next step")
@@ -139,30 +121,24 @@ class Sampler:
         active = np.array([t is not None for t in new_tokens])
         lens = np.array([len(t) if t is not None else 0 for t in new_tokens])
         lengths = np.where(reset_rows, 0, self._lengths)
-        for r in np.flatnonzero(active):
-            if lengths[r] + lens[r] == 0:
-                raise ValueError(f"row {r} is active but has no context to decode from")
-            if lengths[r] + lens[r] + self.max_new_tokens - offsets[r] > self.capacity:
-                raise ValueError(f"row {r}: {lengths[r]} cached + {lens[r]} new + max_new_tokens="
-                                 f"{self.max_new_tokens} exceeds the cache capacity {self.capacity}")
+        self._check_room(np.flatnonzero(active), lengths, lens)
         # attend only over the cache prefix this call can reach (power-of-two buckets, >= 128)
-        reach = int(np.max(np.where(active, lengths + lens + 1 + chunk, 1)))
+        reach = int(np.max(np.where(active, lengths + lens + 1 + self.max_new_tokens, 1)))
         span = min(self.capacity, bucket(reach, 128))
         # width + 1 (with the pending token generate prepends) is a power of two or a multiple
-        # of the prefill chunk; a call that only continues replies prefills their pending tokens
-        longest = int(lens.max(initial=0))
-        tok = np.zeros((b, prefill_width(longest + 1, self.prefill_chunk, minimum=1 if longest == 0 else 8) - 1),
-                       np.int32)
+        # of the prefill chunk
+        tok = np.zeros((b, prefill_width(int(lens.max(initial=0)) + 1, self.prefill_chunk) - 1), np.int32)
         for r in np.flatnonzero(active):
             tok[r, :lens[r]] = new_tokens[r]
         stops = self._stop_array(stop_ids)
 
         with self._mesh_ctx():
+            keys = _row_keys(key, jnp.arange(self.first_row, self.first_row + b))
             self.state, out = jit_generate(
                 self.graphdef, self.params, self.state, jnp.asarray(tok), jnp.asarray(lens, jnp.int32),
-                jnp.asarray(active), jnp.asarray(reset_rows), jnp.asarray(stops), keys, jnp.asarray(offsets),
+                jnp.asarray(active), jnp.asarray(reset_rows), jnp.asarray(stops), keys,
                 max_new_tokens=self.max_new_tokens, sampling=self.sampling, span=span,
-                prefill_chunk=self.prefill_chunk, chunk=chunk)
+                prefill_chunk=self.prefill_chunk)
         tokens, logprobs, n, stopped = jax.device_get(tuple(out))
         self._lengths = np.where(active, lengths + lens + n, lengths)
         return StepOutput(
@@ -170,6 +146,78 @@ class Sampler:
             logprobs=[logprobs[r, :n[r]] for r in range(b)],
             stopped=np.asarray(stopped),
         )
+
+    def decode(self, new_tokens: Sequence[Sequence[int] | None], stop_ids, keys: jax.Array,
+               offsets: Sequence[int], reset: Sequence[bool], chunk: int) -> StepOutput:
+        """At most ``chunk`` tokens of each active row's reply (the slot engine's call).
+
+        A row starting a reply (offsets[b] == 0) appends new_tokens[b] as in `step`, prefilled
+        with the other starting rows only (`sampling.slots.prefill_slots`); a row continuing
+        one passes [] and the tokens its reply holds so far as offsets[b]. keys [B]: each
+        row's reply key (`reply_keys`); a reply is the one `step` draws with that key, however
+        it is cut into chunks. stopped[b]: the reply ended on a stop token; it is also over
+        when offsets[b] + len(tokens[b]) reaches max_new_tokens.
+        """
+        b = self.batch_size
+        if not 1 <= chunk <= self.max_new_tokens:
+            raise ValueError(f"chunk={chunk} must be in [1, max_new_tokens={self.max_new_tokens}]")
+        if self.params is None:
+            raise ValueError("the sampler was released: set_params before the next step")
+        if self.state is None:
+            self._allocate()
+            reset = [True] * b
+        if len(new_tokens) != b:
+            raise ValueError(f"expected {b} rows of new tokens, got {len(new_tokens)}")
+        offsets = np.asarray(offsets, np.int32)
+        active = np.array([t is not None for t in new_tokens])
+        starting = active & (offsets == 0)
+        lens = np.array([len(t) if t is not None else 0 for t in new_tokens])
+        lengths = np.where(starting & np.asarray(reset, bool), 0, self._lengths)
+        self._check_room(np.flatnonzero(starting), lengths, lens)
+        stops = jnp.asarray(self._stop_array(stop_ids))
+        tokens, logprobs = [[] for _ in range(b)], [np.zeros(0, np.float32) for _ in range(b)]
+        stopped = np.zeros(b, bool)
+        with self._mesh_ctx():
+            widths = {r: prefill_width(int(lens[r]) + 1, self.prefill_chunk) for r in np.flatnonzero(starting)}
+            for width in sorted(set(widths.values())):  # one prefill per width: short ones pad little
+                first = np.array([r for r, w in widths.items() if w == width])
+                size = min(bucket(first.size, 4), b)  # distinct rows: the starting ones, then others
+                rows = np.concatenate([first, np.setdiff1d(np.arange(b), first)[:size - first.size]])
+                tok = np.zeros((size, width - 1), np.int32)
+                for p, r in enumerate(first):
+                    tok[p, :lens[r]] = new_tokens[r]
+                # the whole cache is read: a chunk prefills few rows, and shapes stay few
+                self.state, out = jit_prefill_slots(
+                    self.graphdef, self.params, self.state, jnp.asarray(rows), jnp.asarray(np.arange(size) < first.size),
+                    jnp.asarray(tok), jnp.asarray(lens[rows], jnp.int32), jnp.asarray(np.asarray(reset, bool)[rows]),
+                    stops[rows], keys[rows], sampling=self.sampling, prefill_chunk=self.prefill_chunk)
+                tok0, lp0, _, stop0 = jax.device_get(tuple(out))
+                for p, r in enumerate(first):
+                    tokens[r], logprobs[r], stopped[r] = [int(tok0[p, 0])], lp0[p, :1], bool(stop0[p])
+            drawn = np.array([len(t) for t in tokens])
+            budget = np.where(active & ~stopped, np.minimum(chunk, self.max_new_tokens - offsets) - drawn, 0)
+            if budget.max() > 0:
+                reach = int(np.max(np.where(budget > 0, lengths + lens + drawn + budget, 1)))
+                self.state, out = jit_decode_slots(
+                    self.graphdef, self.params, self.state, jnp.asarray(budget > 0), stops, keys,
+                    jnp.asarray(offsets + drawn), jnp.asarray(budget, jnp.int32), chunk=chunk, sampling=self.sampling,
+                    span=min(self.capacity, bucket(reach, 128)))
+                more, lp, n, stop = jax.device_get(tuple(out))
+                for r in np.flatnonzero(budget > 0):
+                    tokens[r] = tokens[r] + more[r, :n[r]].tolist()
+                    logprobs[r] = np.concatenate([logprobs[r], lp[r, :n[r]]])
+                    stopped[r] = bool(stop[r])
+        self._lengths = np.where(active, lengths + lens + np.array([len(t) for t in tokens]), self._lengths)
+        return StepOutput(tokens=tokens, logprobs=logprobs, stopped=stopped)
+
+    def _check_room(self, rows, lengths: np.ndarray, lens: np.ndarray) -> None:
+        """Each of ``rows`` has context to decode from and room for a whole reply."""
+        for r in rows:
+            if lengths[r] + lens[r] == 0:
+                raise ValueError(f"row {r} is active but has no context to decode from")
+            if lengths[r] + lens[r] + self.max_new_tokens > self.capacity:
+                raise ValueError(f"row {r}: {lengths[r]} cached + {lens[r]} new + max_new_tokens="
+                                 f"{self.max_new_tokens} exceeds the cache capacity {self.capacity}")
 
     def _stop_array(self, stop_ids) -> np.ndarray:
         stop_ids = list(stop_ids)
