@@ -2,11 +2,14 @@
 engine against the slot engine, on environments with a simulated latency; and what the trainer
 must process per trajectory in the packed layout vs per-step rows.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/rollout.py [--batches 3] [--slots 16 --chunk 8]
+    PYTHONPATH=. .venv/bin/python benchmarks/rollout.py [--rounds 2 --depth 3] [--slots 32 --chunk 8]
 
 Both engines roll out the same batches with the shipped warm-start policy (so the demo's
-reply lengths), batches alternating between the engines so that machine load hits both
-alike. Every environment step first sleeps a log-normal time (median 50 ms, p99 1 s; the
+reply lengths), rounds alternating between the engines so that machine load hits both
+alike: the synchronous engine one batch (its rows) at a time, the slot engine a round's
+``depth`` batches at once on ``slots`` slots (one per trajectory of a batch by default), as
+it runs under asynchronous training, where the next iterations' trajectories queue behind
+the current ones (``--depth 1``: one batch at a time for both). Every environment step first sleeps a log-normal time (median 50 ms, p99 1 s; the
 k-th environment built draws the same times under both engines). Reports per engine
 environment steps/s, generated tokens/s, the time split (sampler, waiting for environments,
 host glue) and the slot utilisation (useful decoded tokens / slot-steps); the ratios are
@@ -70,15 +73,18 @@ def latency_factory(make_env, median_s: float, p99_s: float):
     return factory
 
 
-def measure(engines: dict, tasks, group_size: int, batches: int, factory) -> dict:
-    """Rolls out batches 1..``batches`` with each engine (alternating); per engine its timings,
-    records and wall time."""
+def measure(engines: dict, tasks, group_size: int, rounds: int, depth: int, factory) -> dict:
+    """Rolls out ``rounds`` rounds of ``depth`` batches with each engine (alternating): the
+    synchronous engine one batch per ``collect``, the slot engine a round's batches in one
+    (trajectories queue for slots). Per engine its timings, records and wall time."""
     out = {name: dict(timings=RolloutTimings(), records=[], wall=0.0) for name in engines}
-    for i in range(1, batches + 1):
+    for i in range(rounds):
+        batches = [tasks(1 + i * depth + j) for j in range(depth)]
         for name, engine in engines.items():
             factory.reset_count()
             t0 = time.perf_counter()
-            out[name]["records"] += engine.collect(tasks(i), group_size, jax.random.key(i), out[name]["timings"])
+            for work in ([sum(batches, [])] if name == "slots" else batches):
+                out[name]["records"] += engine.collect(work, group_size, jax.random.key(i), out[name]["timings"])
             out[name]["wall"] += time.perf_counter() - t0
     return out
 
@@ -97,7 +103,9 @@ def summary(m: dict) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/default.yaml")
-    parser.add_argument("--batches", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--depth", type=int, default=3,
+                        help="batches per round: the slot engine's queue of trajectories (1: one batch at a time)")
     parser.add_argument("--slots", type=int, default=0, help="decode slots of the slot engine (0: one per trajectory)")
     parser.add_argument("--chunk", type=int, default=8, help="tokens per slot per sampler call")
     parser.add_argument("--median-ms", type=float, default=50.0)
@@ -121,10 +129,9 @@ def main():
     engines = {"sync": RolloutEngine(factory, rt.tokenizer, sync_sampler, rt.settings(), rt.pool),
                "slots": SlotEngine(factory, rt.tokenizer, slot_sampler, rt.settings(), rt.pool, chunk=args.chunk)}
     tasks = TaskBatches(task_split(cfg.env, rt.env_factory()()).train, r.tasks_per_iter, cfg.seed)
-    for engine in engines.values():  # compile
-        engine.collect(tasks(0), r.group_size, jax.random.key(0))
+    measure(engines, lambda i: tasks(1000 + i), r.group_size, 1, args.depth, factory)  # compile
     load = os.getloadavg()[0]
-    measured = measure(engines, tasks, r.group_size, args.batches, factory)
+    measured = measure(engines, tasks, r.group_size, args.rounds, args.depth, factory)
     runs = {name: summary(m) for name, m in measured.items()}
     sync, slot = runs["sync"], runs["slots"]
     records = measured["sync"]["records"]
@@ -137,7 +144,7 @@ def main():
     result = dict(date=time.strftime("%Y-%m-%d"), machine=platform.machine(), cpus=os.cpu_count(),
                   load_average_before=load, load_average_after=os.getloadavg()[0],
                   env_latency={"median_ms": args.median_ms, "p99_ms": args.p99_ms, "workers": rt.pool.num_workers},
-                  slots=slots, decode_chunk=args.chunk, batches=args.batches,
+                  slots=slots, decode_chunk=args.chunk, rounds=args.rounds, depth=args.depth,
                   slot_utilisation=slot["slot_utilisation"], slot_utilisation_sync=sync["slot_utilisation"],
                   env_steps_speedup=slot["env_steps_per_s"] / sync["env_steps_per_s"], engines=runs,
                   reply_tokens={"mean": float(np.mean(replies)), "p50": float(np.median(replies)),
