@@ -263,3 +263,41 @@ def test_multihost_training_matches_one_process(tmp_path):
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "multi-host == single process" in proc.stdout
+
+
+SMALL = ["model.n_layers=1", "rollout.tasks_per_iter=2", "optim.lr=1e-3", "optim.epochs=1", "optim.minibatches=1",
+         "train.iterations=3"]
+
+
+def test_max_staleness_0_reproduces_the_synchronous_loop(tmp_path):
+    """rollout.max_staleness: 0 is the loop as it was before asynchronous training existed:
+    the figures of this iteration were recorded by commit 1439859 (the parent of the
+    asynchronous work), on CPU."""
+    cfg = tiny_config(tmp_path, *SMALL, "rollout.max_staleness=0")
+    metrics = Trainer(cfg, log=lambda _: None).step()
+    assert metrics["tokens/real"] == 2666
+    assert metrics["policy/entropy"] == pytest.approx(7.589252948760986, rel=1e-6)
+    assert metrics["value/loss"] == pytest.approx(0.00047665691818110645, rel=1e-5)
+    assert "policy_lag/0" not in metrics and metrics["time/rollout_collect"] > 0
+
+
+def test_asynchronous_training_tags_lags_and_drops_stale_steps(tmp_path):
+    """max_staleness 1: the next iteration's rollout runs during the update (lag 1, or 0 for
+    replies drawn after the new weights arrived); steps of a policy older than the bound
+    leave the policy loss and are counted."""
+    cfg = tiny_config(tmp_path, *SMALL, "rollout.max_staleness=1", "algo.behavior_weight_cap=2",
+                      "rollout.engine=slots", "rollout.slots=4")
+    trainer = Trainer(cfg, log=lambda _: None)
+    trainer.sampler.set_params(trainer.sampler.params, version=-2)  # iteration 0's steps: lag 2
+    first = trainer.step()
+    steps = first["steps/mean"] * 8
+    assert first["rollout/dropped_stale"] == steps and first["policy_lag/0"] == first["policy_lag/1"] == 0
+    assert first["policy/loss"] == 0 and first["policy/entropy"] == 0  # no step left in the policy loss
+    assert first["value/loss"] > 0  # the critic still learns from them
+    trainer.step()  # its rollout started beside update 0: with version -2 or 1
+    third = trainer.step()  # started once update 0 had set version 1
+    assert third["rollout/dropped_stale"] == 0
+    assert third["policy_lag/0"] + third["policy_lag/1"] == pytest.approx(1.0)
+    assert 0 < third["behavior/weight_mean"] <= 2 and third["policy/entropy"] > 0
+    trainer.stop_rollouts()
+    assert not trainer._rollouts

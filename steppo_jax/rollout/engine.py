@@ -116,7 +116,7 @@ class RolloutEngine:
             timings.sampler_s += time.perf_counter() - t0
             timings.count_call(out.tokens, B)
             t0 = time.perf_counter()
-            actions = [self._act(records[i], out.tokens[i], out.logprobs[i]) for i in live]
+            actions = [self._act(records[i], out.tokens[i], out.logprobs[i], out.version) for i in live]
             timings.glue_s += time.perf_counter() - t0
             t0 = time.perf_counter()
             results = self.pool.step([envs[i] for i in live], actions)
@@ -168,9 +168,10 @@ class RolloutEngine:
         rec.contexts.append(new[i])
         return True
 
-    def _act(self, rec: TrajectoryRecord, ids: list[int], logprobs) -> str:
-        """Records a sampled reply; returns its text, the action sent to the environment."""
-        rec.append_action(ids, logprobs)
+    def _act(self, rec: TrajectoryRecord, ids: list[int], logprobs, version: int) -> str:
+        """Records a reply sampled by policy ``version``; returns its text, the action sent to
+        the environment."""
+        rec.append_action(ids, logprobs, version)
         text = self.codec.reply_text(ids)
         rec.messages.append({"role": "assistant", "content": text})
         return text

@@ -57,6 +57,7 @@ class SlotEngine(RolloutEngine):
         owner = np.full(B, -1)  # the trajectory whose cache slot b holds
         busy = np.full(B, -1)  # the trajectory decoding in slot b
         offsets = np.zeros(B, np.int32)
+        versions = np.zeros(B, np.int64)  # the policy version of the chunk each slot's reply began in
         replies: list[tuple[list[int], list[float]]] = [([], []) for _ in range(B)]
         start: list[list[int] | None] = [None] * B  # ids a slot prefills before its next chunk
         reset = np.zeros(B, bool)
@@ -100,13 +101,15 @@ class SlotEngine(RolloutEngine):
             timings.count_call(out.tokens, B)
             t0 = time.perf_counter()
             for b in np.flatnonzero(busy >= 0):
+                if offsets[b] == 0:
+                    versions[b] = out.version  # a reply spanning a weight swap: its oldest version
                 replies[b][0].extend(out.tokens[b])
                 replies[b][1].extend(out.logprobs[b])
                 offsets[b] += len(out.tokens[b])
                 reset[b] = False
                 if out.stopped[b] or offsets[b] >= self.sampler.max_new_tokens:
                     i = busy[b]
-                    action = self._act(records[i], *replies[b])
+                    action = self._act(records[i], *replies[b], int(versions[b]))
                     closed[i], busy[b], replies[b] = out.stopped[b], -1, ([], [])
                     waiting[i] = self.pool.submit(lambda env=envs[i], a=action: env.step(a))
             timings.glue_s += time.perf_counter() - t0

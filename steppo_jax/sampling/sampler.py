@@ -41,11 +41,13 @@ def reply_keys(key: jax.Array, steps: jax.Array, rows: jax.Array) -> jax.Array:
 
 class StepOutput(NamedTuple):
     """Per row: generated ids and their behaviour log-probs (empty for inactive rows);
-    `stopped[b]` is True when the step ended on one of the row's stop tokens."""
+    `stopped[b]` is True when the step ended on one of the row's stop tokens; `version`: the
+    policy version of the weights that drew them (`Sampler.set_params`)."""
 
     tokens: list[list[int]]
     logprobs: list[np.ndarray]
     stopped: np.ndarray
+    version: int = 0
 
 
 class Sampler:
@@ -79,7 +81,8 @@ class Sampler:
     def __init__(self, model, *, batch_size: int, capacity: int, max_new_tokens: int,
                  sampling: SamplingParams = SamplingParams(), max_stop_ids: int = 8,
                  mesh: jax.sharding.Mesh | None = None, first_row: int = 0, prefill_chunk: int = 1024):
-        self.graphdef, self.params = nnx.split(model)
+        self.graphdef, params = nnx.split(model)
+        self._weights = (params, 0)  # (params, policy version): swapped together, read together
         self.prefill_chunk = prefill_chunk
         self.batch_size, self.capacity, self.first_row = batch_size, capacity, first_row
         self.max_new_tokens, self.sampling, self.max_stop_ids = max_new_tokens, sampling, max_stop_ids
@@ -92,17 +95,28 @@ class Sampler:
             self.state = jax.jit(init_state, static_argnums=(0, 1, 2))(self.config, self.batch_size, self.capacity)
         self._lengths[:] = 0
 
+    @property
+    def params(self) -> nnx.State | None:
+        return self._weights[0]
+
+    @property
+    def version(self) -> int:
+        """The policy version of the current weights (0 for the model's own)."""
+        return self._weights[1]
+
     def release(self) -> None:
         """Frees the KV cache and the weights (e.g. while the trainer updates the policy); the
         next `step` needs `set_params` first and starts every row anew."""
-        self.state, self.params = None, None
+        self.state, self._weights = None, (None, self.version)
 
     def _mesh_ctx(self):
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
-    def set_params(self, params: nnx.State) -> None:
-        """Swap in new policy weights (same structure), e.g. after a training step."""
-        self.params = params
+    def set_params(self, params: nnx.State, version: int | None = None) -> None:
+        """Swap in new policy weights (same structure), e.g. after a training step; ``version``
+        (default: unchanged) tags what they draw (`StepOutput.version`). Safe while another
+        thread samples: a call uses the weights and version it started with."""
+        self._weights = (params, self.version if version is None else version)
 
     def step(self, new_tokens: Sequence[Sequence[int] | None], stop_ids, key: jax.Array,
              reset: bool | Sequence[bool] = False) -> StepOutput:
@@ -110,7 +124,8 @@ class Sampler:
         rows, or one list per row; key: PRNG key of the whole batch (see the class). Returns `StepOutput` (row b's tokens end on a
         stop id when stopped[b], else after max_new_tokens)."""
         b = self.batch_size
-        if self.params is None:
+        params, version = self._weights
+        if params is None:
             raise ValueError("the sampler was released: set_params before the next step")
         if self.state is None:
             self._allocate()
@@ -135,7 +150,7 @@ class Sampler:
         with self._mesh_ctx():
             keys = _row_keys(key, jnp.arange(self.first_row, self.first_row + b))
             self.state, out = jit_generate(
-                self.graphdef, self.params, self.state, jnp.asarray(tok), jnp.asarray(lens, jnp.int32),
+                self.graphdef, params, self.state, jnp.asarray(tok), jnp.asarray(lens, jnp.int32),
                 jnp.asarray(active), jnp.asarray(reset_rows), jnp.asarray(stops), keys,
                 max_new_tokens=self.max_new_tokens, sampling=self.sampling, span=span,
                 prefill_chunk=self.prefill_chunk)
@@ -145,6 +160,7 @@ class Sampler:
             tokens=[tokens[r, :n[r]].tolist() for r in range(b)],
             logprobs=[logprobs[r, :n[r]] for r in range(b)],
             stopped=np.asarray(stopped),
+            version=version,
         )
 
     def decode(self, new_tokens: Sequence[Sequence[int] | None], stop_ids, keys: jax.Array,
@@ -161,7 +177,8 @@ class Sampler:
         b = self.batch_size
         if not 1 <= chunk <= self.max_new_tokens:
             raise ValueError(f"chunk={chunk} must be in [1, max_new_tokens={self.max_new_tokens}]")
-        if self.params is None:
+        params, version = self._weights
+        if params is None:
             raise ValueError("the sampler was released: set_params before the next step")
         if self.state is None:
             self._allocate()
@@ -188,7 +205,7 @@ class Sampler:
                     tok[p, :lens[r]] = new_tokens[r]
                 # the whole cache is read: a chunk prefills few rows, and shapes stay few
                 self.state, out = jit_prefill_slots(
-                    self.graphdef, self.params, self.state, jnp.asarray(rows), jnp.asarray(np.arange(size) < first.size),
+                    self.graphdef, params, self.state, jnp.asarray(rows), jnp.asarray(np.arange(size) < first.size),
                     jnp.asarray(tok), jnp.asarray(lens[rows], jnp.int32), jnp.asarray(np.asarray(reset, bool)[rows]),
                     stops[rows], keys[rows], sampling=self.sampling, prefill_chunk=self.prefill_chunk)
                 tok0, lp0, _, stop0 = jax.device_get(tuple(out))
@@ -199,7 +216,7 @@ class Sampler:
             if budget.max() > 0:
                 reach = int(np.max(np.where(budget > 0, lengths + lens + drawn + budget, 1)))
                 self.state, out = jit_decode_slots(
-                    self.graphdef, self.params, self.state, jnp.asarray(budget > 0), stops, keys,
+                    self.graphdef, params, self.state, jnp.asarray(budget > 0), stops, keys,
                     jnp.asarray(offsets + drawn), jnp.asarray(budget, jnp.int32), chunk=chunk, sampling=self.sampling,
                     span=min(self.capacity, bucket(reach, 128)))
                 more, lp, n, stop = jax.device_get(tuple(out))
@@ -208,7 +225,7 @@ class Sampler:
                     logprobs[r] = np.concatenate([logprobs[r], lp[r, :n[r]]])
                     stopped[r] = bool(stop[r])
         self._lengths = np.where(active, lengths + lens + np.array([len(t) for t in tokens]), self._lengths)
-        return StepOutput(tokens=tokens, logprobs=logprobs, stopped=stopped)
+        return StepOutput(tokens=tokens, logprobs=logprobs, stopped=stopped, version=version)
 
     def _check_room(self, rows, lengths: np.ndarray, lens: np.ndarray) -> None:
         """Each of ``rows`` has context to decode from and room for a whole reply."""

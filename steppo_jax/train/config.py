@@ -152,6 +152,15 @@ class RolloutSection:
     decode_chunk: int = 8
     """``slots``: tokens each slot decodes per sampler call (between two refills); at most
     ``max_new_tokens``."""
+    max_staleness: int = 0
+    """Asynchronous training: 0 = rollout, then update, in turn; k >= 1 = the rollouts of the
+    next k iterations run (in a background thread) while the current update does, with the
+    newest weights at each sampler call. Every step carries the policy version that sampled
+    it; the loss corrects for it step by step (behaviour = the sampler's log-probs, proximal
+    policy = pi_old recomputed at update time, weight capped by ``algo.behavior_weight_cap``,
+    which must be set), and steps more than k versions old are dropped from the policy loss
+    (counted in ``rollout/dropped_stale``). One process only; a resumed run restarts the
+    rollouts in flight."""
     slots: int = 0
     """``slots``: decode slots (each with its own KV cache of ``max_context`` tokens); 0 = one
     per trajectory of the batch. Fewer slots than trajectories keep them busy while
@@ -388,7 +397,7 @@ _AT_LEAST_ONE = (
     "sft.batch_size", "sft.num_demos", "mesh.fsdp", "mesh.tensor",
 )
 _NON_NEGATIVE = (
-    "seed", "env.max_invalid_calls", "rollout.top_k", "rollout.slots", "algo.step_weight",
+    "seed", "env.max_invalid_calls", "rollout.top_k", "rollout.slots", "rollout.max_staleness", "algo.step_weight",
     "algo.value_coef", "algo.entropy_coef", "algo.kl_coef", "optim.warmup_steps", "optim.micro_batch_rows",
     "optim.weight_decay", "train.iterations", "sft.steps", "sft.seed_offset",
 )
@@ -431,6 +440,8 @@ def _rules(cfg: Config):
            "must be smaller than rollout.max_context")
     yield ("rollout.decode_chunk", r.decode_chunk > r.max_new_tokens,
            f"must be <= rollout.max_new_tokens ({r.max_new_tokens}): a chunk draws at most one reply's tokens")
+    yield ("rollout.max_staleness", r.max_staleness > 0 and not a.behavior_weight_cap,
+           "needs algo.behavior_weight_cap >= 1 (the capped step-level importance weight of off-policy steps)")
     yield ("rollout.layout", a.estimator == "token_gae" and r.layout != "packed",
            "must be 'packed' for algo.estimator 'token_gae' (its recursion runs across the steps of one row)")
     yield ("rollout.history_window", r.history_window is not None and r.history_window < 0, "must be >= 0 or null")
