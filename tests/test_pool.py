@@ -125,3 +125,23 @@ def test_submitted_calls_finish_one_by_one_under_the_timeout():
         assert results[0].value == "ok:sleep 0.2" and results[1].error.startswith("TimeoutError")
         assert results[2].error.startswith("RuntimeError") and pool.num_failures == 2
     envs[1].release.set()
+
+
+def test_environments_in_worker_processes_fail_alone():
+    """env.pool: process: four environments in two worker processes, stepped through the
+    ordinary pool; a raise and a hang fail only their calls, also for an environment sharing
+    the hung one's process."""
+    from steppo_jax.envs import ProcessEnvs, RemoteError
+
+    remote = ProcessEnvs(FlakyEnv, workers=2)
+    envs = [remote.make() for _ in range(4)]  # ids 1..4: processes 1, 0, 1, 0
+    with EnvPool(num_workers=4, timeout_s=1.0) as pool:
+        assert [r.value for r in pool.reset(envs, [5, 6, 7, 8], [0] * 4)] == [5, 6, 7, 8]
+        results = pool.step(envs, ["a", "raise", "hang", "b"])
+        assert [r.ok for r in results] == [True, False, False, True]
+        assert [results[0].value, results[3].value] == ["ok:a", "ok:b"]
+        assert results[1].error.startswith(f"{RemoteError.__name__}: RuntimeError: env crashed (at ")
+        assert results[2].error == "TimeoutError: call exceeded 1 s"
+        again = pool.step([envs[0], envs[3]], ["c", "d"])  # envs[0] shares the hung call's process
+        assert [r.value for r in again] == ["ok:c", "ok:d"]
+    remote.close()

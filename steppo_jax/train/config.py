@@ -110,6 +110,12 @@ class EnvSection:
     A generated environment's held-out tasks are the ids right after the training ids."""
     step_timeout_s: float = 10.0
     """Seconds one environment step may take before it counts as a failure."""
+    pool: Literal["thread", "process"] = "thread"
+    """Where environments run: ``thread``: in this process, on ``workers`` threads; ``process``:
+    each built in one of ``workers`` worker processes (``steppo_jax.envs.ProcessEnvs``), for
+    CPU-bound environments that would serialise on the GIL. Same timeouts and failure isolation."""
+    workers: int = 8
+    """Threads (``pool: thread``) or worker processes (``pool: process``) running environment calls."""
     max_invalid_calls: int = 3
     """Consecutive malformed replies that truncate an episode (0 = never)."""
 
@@ -391,7 +397,7 @@ def _get(cfg: Config, path: str) -> Any:
 
 _AT_LEAST_ONE = (
     "model.d_model", "model.attention_block", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.d_ff",
-    "env.max_steps", "env.eval_tasks", "rollout.group_size", "rollout.tasks_per_iter",
+    "env.max_steps", "env.eval_tasks", "env.workers", "rollout.group_size", "rollout.tasks_per_iter",
     "rollout.max_new_tokens", "rollout.max_context", "rollout.prefill_chunk", "rollout.decode_chunk", "optim.epochs", "optim.minibatches", "optim.logprob_chunk",
     "train.checkpoint_every", "train.eval_every", "train.keep_checkpoints",
     "sft.batch_size", "sft.num_demos", "mesh.fsdp", "mesh.tensor",

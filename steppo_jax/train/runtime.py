@@ -88,18 +88,30 @@ class Runtime:
         if jax.process_count() > 1:
             sample_mesh = local_mesh(mesh)
             _check_process_rows(mesh)
+        # with worker processes the pool's threads only wait on them: a few per process
+        threads = cfg.env.workers * (4 if cfg.env.pool == "process" else 1)
         return cls(cfg, mesh, sample_mesh, load_tokenizer(cfg.model.tokenizer_path),
-                   envs.EnvPool(num_workers=8, timeout_s=cfg.env.step_timeout_s))
+                   envs.EnvPool(num_workers=threads, timeout_s=cfg.env.step_timeout_s))
 
     def env_factory(self) -> Callable[[], envs.Environment]:
-        """Builds the configured environment; rollout limits apply unless options override them."""
+        """Builds the configured environment (in this process); rollout limits apply unless
+        options override them. Picklable, for ``rollout_envs``' worker processes."""
         e = self.cfg.env
         options = {"max_steps": e.max_steps, "max_invalid_calls": e.max_invalid_calls, **e.options}
         try:  # fail early, naming the config field, on a bad name or option
             envs.make(e.name, **options)
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError(f"env.name / env.options: {err.args[0] if err.args else err}") from None
-        return lambda: envs.make(e.name, **options)
+        return functools.partial(envs.resolve(e.name), **options)
+
+    @functools.cached_property
+    def rollout_envs(self) -> Callable[[], envs.Environment]:
+        """What the rollout engines build environments with: ``env_factory``, or with
+        ``env.pool: process`` proxies of environments built in ``env.workers`` processes
+        (started on first use)."""
+        if self.cfg.env.pool == "process":
+            return envs.ProcessEnvs(self.env_factory(), self.cfg.env.workers).make
+        return self.env_factory()
 
     @functools.cached_property
     def task_split(self) -> envs.TaskSplit:
@@ -148,7 +160,7 @@ class Runtime:
     def engine(self, sampler, make_env=None, *, synchronous: bool = False) -> RolloutEngine:
         """The configured engine (``rollout.engine``) around ``sampler``; ``synchronous``: the
         step-synchronous one whatever the config (a scripted sampler has no ``decode``)."""
-        make_env = make_env or self.env_factory()
+        make_env = make_env or self.rollout_envs
         if self.cfg.rollout.engine == "slots" and not synchronous:
             return SlotEngine(make_env, self.tokenizer, sampler, self.settings(), self.pool,
                               chunk=self.cfg.rollout.decode_chunk)
