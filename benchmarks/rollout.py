@@ -3,6 +3,7 @@ engine against the slot engine, on environments with a simulated latency; and wh
 must process per trajectory in the packed layout vs per-step rows.
 
     PYTHONPATH=. .venv/bin/python benchmarks/rollout.py [--rounds 2 --depth 3] [--slots 32 --chunk 8]
+        [--end-to-end [--seeds 0 1 2 --iterations 10] [--skip-rollout]]
 
 Both engines roll out the same batches with the shipped warm-start policy (so the demo's
 reply lengths), rounds alternating between the engines so that machine load hits both
@@ -13,7 +14,12 @@ the current ones (``--depth 1``: one batch at a time for both). Every environmen
 k-th environment built draws the same times under both engines). Reports per engine
 environment steps/s, generated tokens/s, the time split (sampler, waiting for environments,
 host glue) and the slot utilisation (useful decoded tokens / slot-steps); the ratios are
-``env_steps_speedup`` (slots / synchronous) and the utilisations. Then, from the measured mean
+``env_steps_speedup`` (slots / synchronous) and the utilisations. With ``--end-to-end``, also
+trains the demo (``--config``) for ``--iterations`` iterations with each seed of
+``--seeds``, synchronously (``rollout.max_staleness: 0``) and asynchronously (1, with
+``algo.behavior_weight_cap: 2``), and reports ``async_speedup``: the ratio of their mean
+iteration times (rollout wait + scoring passes + update, the first iteration's compilation
+left out), with each run's final greedy success. Then, from the measured mean
 prompt, reply and observation lengths, the tokens per trajectory of each layout for 5, 10 and
 20-step trajectories (per-step rows repeat the history every step). Writes
 benchmarks/out/rollout.json.
@@ -26,6 +32,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -36,7 +43,8 @@ from flax import nnx
 from steppo_jax.rollout import RolloutEngine, RolloutTimings, SlotEngine
 from steppo_jax.sampling import Sampler
 from steppo_jax.train.config import load_config
-from steppo_jax.train.rl import load_policy_params
+from steppo_jax.train.metrics import read_metrics
+from steppo_jax.train.rl import Trainer, load_policy_params
 from steppo_jax.train.runtime import Runtime
 from steppo_jax.train.state import build_models
 from steppo_jax.train.tasks import TaskBatches, task_split
@@ -100,6 +108,33 @@ def summary(m: dict) -> dict:
                 success=float(np.mean([r.success for r in records])))
 
 
+def end_to_end(config: str, seeds: list[int], iterations: int, out_dir: Path) -> dict:
+    """Trains the demo synchronously and with max_staleness 1, seed by seed; per mode the mean
+    iteration time (first iteration left out) and each seed's initial and final greedy success."""
+    modes = {"sync": ["rollout.max_staleness=0"],
+             "async": ["rollout.max_staleness=1", "algo.behavior_weight_cap=2"]}
+    runs = {mode: [] for mode in modes}
+    for seed in seeds:
+        for mode, extra in modes.items():
+            run_dir = out_dir / f"e2e_{mode}_{seed}"
+            cfg = load_config(config, [f"seed={seed}", f"run_dir={run_dir}", f"train.iterations={iterations}",
+                                       f"train.eval_every={iterations}", "train.checkpoint_every=100000",
+                                       "env.eval_tasks=32", *extra])
+            if run_dir.exists():
+                shutil.rmtree(run_dir)
+            summary = Trainer(cfg, log=lambda _: None).fit()
+            records = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["iteration"] >= 1]
+            times = [r["time/rollout"] + r["time/passes"] + r["time/update"] for r in records]
+            runs[mode].append(dict(seed=seed, iteration_s=float(np.mean(times)),
+                                   initial_success=summary["initial_success_rate"],
+                                   final_success=summary["final_success_rate"],
+                                   dropped_stale=float(sum(r.get("rollout/dropped_stale", 0) for r in records))))
+            print(f"{mode:>5} seed {seed}: {runs[mode][-1]}")
+    mean = {mode: float(np.mean([r["iteration_s"] for r in rs])) for mode, rs in runs.items()}
+    return dict(async_speedup=mean["sync"] / mean["async"], iterations=iterations, iteration_s=mean,
+                final_success={mode: [r["final_success"] for r in rs] for mode, rs in runs.items()}, runs=runs)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/default.yaml")
@@ -111,7 +146,20 @@ def main():
     parser.add_argument("--median-ms", type=float, default=50.0)
     parser.add_argument("--p99-ms", type=float, default=1000.0)
     parser.add_argument("--out", default="benchmarks/out/rollout.json")
+    parser.add_argument("--end-to-end", action="store_true", help="also train the demo sync vs async")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--skip-rollout", action="store_true", help="only the end-to-end runs (kept keys merged)")
     args = parser.parse_args()
+    out = Path(args.out)
+    if args.skip_rollout:
+        result = json.loads(out.read_text()) if out.exists() else {}
+        result["end_to_end"] = end_to_end(args.config, args.seeds, args.iterations, out.parent)
+        result["async_speedup"] = result["end_to_end"]["async_speedup"]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        print(f"async_speedup x{result['async_speedup']:.2f}; wrote {out}")
+        return
     cfg = load_config(args.config)
     rt = Runtime.create(cfg)
     models, params = build_models(cfg, len(rt.tokenizer), rt.mesh)
@@ -164,9 +212,13 @@ def main():
         rows = sum(prompt + j * (reply + obs) + reply for j in range(k))
         result["layouts"].append(dict(steps=k, packed_tokens=packed, per_step_rows_tokens=rows, ratio=rows / packed))
         print(f"{k:>3} steps: packed {packed:7.0f} tokens/trajectory, per-step rows {rows:7.0f}  (x{rows / packed:.1f})")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
+    if args.end_to_end:
+        result["end_to_end"] = end_to_end(args.config, args.seeds, args.iterations, out.parent)
+        result["async_speedup"] = result["end_to_end"]["async_speedup"]
+        print(f"async_speedup x{result['async_speedup']:.2f}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
