@@ -69,18 +69,12 @@ class SlotEngine(RolloutEngine):
         timings.glue_s += time.perf_counter() - t0
         while True:
             t0 = time.perf_counter()
-            idle = not ready and (busy < 0).all()
-            if waiting:
-                finished = self.pool.wait(list(waiting.values()), timeout=None if idle else 0)
-                timings.env_s += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                for i in sorted(i for i, call in waiting.items() if call in finished):
-                    rec = records[i]
-                    self._advance(rec, waiting.pop(i).result(), bool(closed[i]), rec.num_steps, new, i)
-                    if rec.live and (not rebuild or self._rebuild(rec, opening[i], new, i)):
-                        ready.append(i)
-            elif idle:
-                break
+            finished = self.pool.wait(list(waiting.values()), timeout=0) if waiting else []
+            for i in sorted(i for i, call in waiting.items() if call in finished):
+                rec = records[i]
+                self._advance(rec, waiting.pop(i).result(), bool(closed[i]), rec.num_steps, new, i)
+                if rec.live and (not rebuild or self._rebuild(rec, opening[i], new, i)):
+                    ready.append(i)
             for i in [i for i in ready if home[i] >= 0]:  # a trajectory keeps its slot (and cache)
                 b = home[i]
                 busy[b], start[b], reset[b], offsets[b] = i, new[i], rebuild, 0
@@ -89,7 +83,12 @@ class SlotEngine(RolloutEngine):
                 i = ready.popleft()
                 owner[b], home[i], busy[b], start[b], offsets[b], reset[b] = i, b, i, new[i], 0, True
             timings.glue_s += time.perf_counter() - t0
-            if (busy < 0).all():
+            if (busy < 0).all():  # nothing to decode: every live trajectory waits on its environment
+                if not waiting:
+                    break
+                t0 = time.perf_counter()
+                self.pool.wait(list(waiting.values()))
+                timings.env_s += time.perf_counter() - t0
                 continue
             t0 = time.perf_counter()
             rows = np.maximum(busy, 0)
