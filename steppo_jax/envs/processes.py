@@ -63,6 +63,7 @@ class _Worker:
         child.close()
         self.lock = threading.Lock()
         self.waiting: dict[int, list] = {}  # request id -> [event, value, error]
+        self.dropped: list[int] = []  # environments whose proxies are gone, forgotten on the next send
         threading.Thread(target=self._read, daemon=True, name="steppo-env-reader").start()
 
     def _read(self) -> None:
@@ -83,15 +84,13 @@ class _Worker:
         slot = [threading.Event(), None, None]
         self.waiting[req] = slot
         with self.lock:
+            while self.dropped:
+                self.conn.send((0, self.dropped.pop(), "drop", ()))
             self.conn.send((req, env_id, method, args))
         slot[0].wait()
         if slot[2] is not None:
             raise RemoteError(slot[2])
         return slot[1]
-
-    def send(self, env_id: int, method: str) -> None:
-        with self.lock:
-            self.conn.send((0, env_id, method, ()))
 
 
 class RemoteEnv:
@@ -108,10 +107,7 @@ class RemoteEnv:
         return self._worker.call(self._owner._next_request(), self._id, "step", (action_text,))
 
     def __del__(self):
-        try:
-            self._worker.send(self._id, "drop")  # the worker forgets the environment
-        except (OSError, ValueError):
-            pass
+        self._worker.dropped.append(self._id)  # not sent from here: a finalizer may run mid-send
 
 
 class ProcessEnvs:
