@@ -139,6 +139,12 @@ def test_int_is_accepted_where_float_is_expected():
     (["optim.micro_batch_rows=-1"], "optim.micro_batch_rows = -1 must be >= 0"),
     (["optim.micro_batch_rows=3"], "optim.micro_batch_rows = 3 must divide the 16 rows of a minibatch"),
     (["optim.logprob_chunk=0"], "optim.logprob_chunk = 0 must be >= 1"),
+    (["rollout.decode_chunk=0"], "rollout.decode_chunk = 0 must be >= 1"),
+    (["rollout.decode_chunk=49"], "rollout.decode_chunk = 49 must be <= rollout.max_new_tokens (48)"),
+    (["rollout.slots=-1"], "rollout.slots = -1 must be >= 0"),
+    (["rollout.max_staleness=-1"], "rollout.max_staleness = -1 must be >= 0"),
+    (["env.workers=0"], "env.workers = 0 must be >= 1"),
+    (["rollout.max_staleness=1"], "rollout.max_staleness = 1 needs algo.behavior_weight_cap >= 1"),
 ])
 def test_cross_field_rules(overrides, needle):
     assert needle in _error(overrides)

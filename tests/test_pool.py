@@ -109,3 +109,39 @@ def test_real_environments_through_the_pool():
 def test_bad_pool_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         EnvPool(**kwargs)
+
+
+def test_submitted_calls_finish_one_by_one_under_the_timeout():
+    envs = [FlakyEnv() for _ in range(3)]
+    with EnvPool(num_workers=3, timeout_s=0.5) as pool:
+        calls = [pool.submit(lambda e=e, a=a: e.step(a)) for e, a in zip(envs, ["sleep 0.2", "hang", "raise"])]
+        first = pool.wait(calls)  # the raise comes back at once, the others later
+        assert calls[2] in first and calls[1] not in first
+        with pytest.raises(RuntimeError, match="not finished"):
+            calls[1].result()
+        while not all(c.finished for c in calls):
+            pool.wait([c for c in calls if not c.finished])
+        results = [c.result() for c in calls]
+        assert results[0].value == "ok:sleep 0.2" and results[1].error.startswith("TimeoutError")
+        assert results[2].error.startswith("RuntimeError") and pool.num_failures == 2
+    envs[1].release.set()
+
+
+def test_environments_in_worker_processes_fail_alone():
+    """env.pool: process: four environments in two worker processes, stepped through the
+    ordinary pool; a raise and a hang fail only their calls, also for an environment sharing
+    the hung one's process."""
+    from steppo_jax.envs import ProcessEnvs, RemoteError
+
+    remote = ProcessEnvs(FlakyEnv, workers=2)
+    envs = [remote.make() for _ in range(4)]  # ids 1..4: processes 1, 0, 1, 0
+    with EnvPool(num_workers=4, timeout_s=1.0) as pool:
+        assert [r.value for r in pool.reset(envs, [5, 6, 7, 8], [0] * 4)] == [5, 6, 7, 8]
+        results = pool.step(envs, ["a", "raise", "hang", "b"])
+        assert [r.ok for r in results] == [True, False, False, True]
+        assert [results[0].value, results[3].value] == ["ok:a", "ok:b"]
+        assert results[1].error.startswith(f"{RemoteError.__name__}: RuntimeError: env crashed (at ")
+        assert results[2].error == "TimeoutError: call exceeded 1 s"
+        again = pool.step([envs[0], envs[3]], ["c", "d"])  # envs[0] shares the hung call's process
+        assert [r.value for r in again] == ["ok:c", "ok:d"]
+    remote.close()

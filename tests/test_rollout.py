@@ -12,7 +12,8 @@ from flax import nnx
 from steppo_jax.envs import EnvPool, make
 from steppo_jax.envs.base import Reset, StepResult
 from steppo_jax.models import Decoder, ModelConfig, token_logprobs
-from steppo_jax.rollout import RolloutEngine, RolloutSettings, packed_batch, step_rows_batch
+from steppo_jax.rollout import (RolloutEngine, RolloutSettings, RolloutTimings, SlotEngine, packed_batch,
+                                step_rows_batch)
 from steppo_jax.sampling import Sampler, SamplingParams, StepOutput
 from steppo_jax.tokenizer import load_tokenizer, render
 from steppo_jax.types import validate
@@ -326,3 +327,71 @@ def test_noisy_expert_mixes_mistakes_and_random_calls(mistake, noise):
         assert not any(outcomes) and early == len(envs)
     else:
         assert 0.25 < np.mean(outcomes) < 0.75 and early == len(envs) - sum(outcomes)
+
+
+@pytest.fixture(scope="module")
+def sharp_model(tok):
+    """A tiny random model whose argmax has clear winners (greedy comparisons are exact)."""
+    m = Decoder(ModelConfig.tiny(vocab_size=len(tok), n_layers=2, d_model=64, mlp_dim=128, tie_embeddings=False),
+                rngs=nnx.Rngs(0))
+    m.lm_head.set_value(m.lm_head.get_value() * 20.0)
+    return m
+
+
+def slot_engine_with(tok, model, slots, chunk=5, sampling=SamplingParams(greedy=True), max_steps=3,
+                     history_window=None, make_env=None, timeout_s=10.0):
+    sampler = Sampler(model, batch_size=slots, capacity=512, max_new_tokens=12, sampling=sampling)
+    factory = make_env or (lambda: make("multihop_qa"))
+    return SlotEngine(factory, tok, sampler, RolloutSettings(max_steps, 512, history_window),
+                      EnvPool(num_workers=4, timeout_s=timeout_s), chunk=chunk)
+
+
+@pytest.mark.parametrize("window", [None, 1])
+def test_greedy_slots_equal_the_synchronous_engine(tok, sharp_model, window):
+    """4 trajectories on 3 slots (so caches get evicted and re-prefilled), replies cut into
+    chunks of 5: the same tokens, log-probs and step tensors as the step-synchronous engine."""
+    tasks, key = [(0, 0), (1, 0)], jax.random.key(3)
+    sync = Sampler(sharp_model, batch_size=4, capacity=512, max_new_tokens=12, sampling=SamplingParams(greedy=True))
+    ref, _ = engine_with(tok, sync, max_steps=3, max_context=512, history_window=window)
+    expected = ref.collect(tasks, 2, key)
+    timings = RolloutTimings()
+    got = slot_engine_with(tok, sharp_model, 3, history_window=window).collect(tasks, 2, key, timings)
+    assert sum(r.num_steps for r in got) >= 8
+    for a, b in zip(got, expected):
+        assert a.tokens == b.tokens and a.step_spans == b.step_spans and a.contexts == b.contexts
+        assert a.rewards == b.rewards and a.truncated == b.truncated and a.failed is None
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+    layout = packed_batch if window is None else step_rows_batch
+    validate(layout(got, 3))
+    assert timings.decoded_tokens == sum(e - s for r in got for s, e in r.step_spans)
+    assert 0 < timings.slot_utilisation <= 1 and timings.slot_steps % 3 == 0
+
+
+def test_sampled_slots_draw_what_the_synchronous_engine_draws(tok, sharp_model):
+    """Sampling (temperature 30: real randomness): the slots draw, for a key, the trajectories
+    the synchronous engine draws (reply keys follow (step, trajectory), not the slot); each
+    packed row is its rendered conversation and the behaviour log-probs are the trainer's."""
+    hot = SamplingParams(temperature=30.0)
+    key = jax.random.key(7)
+    records = slot_engine_with(tok, sharp_model, 2, chunk=4, sampling=hot).collect([(0, 0), (1, 0)], 2, key)
+    sync = Sampler(sharp_model, batch_size=4, capacity=512, max_new_tokens=12, sampling=hot)
+    for a, b in zip(records, engine_with(tok, sync, max_steps=3, max_context=512)[0].collect([(0, 0), (1, 0)], 2, key)):
+        assert a.tokens == b.tokens and a.rewards == b.rewards
+    for rec in records:
+        text = tok.decode(rec.tokens, skip_special_tokens=False)
+        assert render(tok, rec.messages, tools=rec.tools, add_generation_prompt=False).startswith(text)
+    batch = validate(packed_batch(records, 3))
+    logp = token_logprobs(sharp_model(jnp.asarray(batch.tokens)), jnp.asarray(batch.tokens), 30.0)
+    np.testing.assert_allclose(np.where(batch.action_mask, logp, 0), batch.old_logp, atol=1e-3)
+    assert len({tuple(r.tokens) for r in records}) == 4  # rows do draw differently
+
+
+def test_an_environment_that_fails_in_a_slot_fails_only_its_trajectory(tok, sharp_model):
+    modes = iter(["ok", "raise", "hang", "ok"])
+    engine = slot_engine_with(tok, sharp_model, 2, make_env=lambda: BrokenEnv(next(modes)), timeout_s=0.5)
+    records = engine.collect([(0, 0), (1, 0)], 2, jax.random.key(0))
+    assert [r.failed is None for r in records] == [True, False, False, True]
+    assert "exploded" in records[1].failed and "TimeoutError" in records[2].failed
+    assert records[0].success and records[3].success and records[0].num_steps == 2
+    with pytest.raises(ValueError, match="decode chunk 13"):
+        slot_engine_with(tok, sharp_model, 2, chunk=13)

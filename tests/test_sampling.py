@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from steppo_jax.models import Decoder, ModelConfig, token_logprobs
-from steppo_jax.sampling import Sampler, SamplingParams, bucket, jit_generate, select_tokens
+from steppo_jax.sampling import Sampler, SamplingParams, bucket, jit_generate, reply_keys, select_tokens
 
 CFG = ModelConfig(model_type="qwen3", vocab_size=128, d_model=48, n_layers=2, n_heads=4,
                   n_kv_heads=2, head_dim=12, mlp_dim=96, qk_norm=True, tie_embeddings=False)
@@ -270,3 +270,35 @@ def test_chunked_prefill_equals_one_pass(model, sampling):
         assert a.tokens == b.tokens
         for x, y in zip(a.logprobs, b.logprobs):
             np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_decode_in_chunks_draws_what_one_step_draws(model, chunk):
+    """Two turns of sampled replies cut into chunks (rows resumed from their pending token,
+    offsets advanced, keys of `reply_keys`) equal `step`'s replies for the same keys."""
+    hot = SamplingParams(temperature=40.0)
+    whole = Sampler(model, batch_size=3, capacity=96, max_new_tokens=7, sampling=hot, first_row=2)
+    sliced = Sampler(model, batch_size=3, capacity=96, max_new_tokens=7, sampling=hot)
+    new, stops = [[1, 2, 3], [4, 5], [6]], [[9], [10], [11]]
+    key = jax.random.key(5)
+    for turn in range(2):
+        ref = whole.step(new, stops, jax.random.fold_in(key, turn), reset=turn == 0)
+        keys = reply_keys(key, jnp.full(3, turn), jnp.arange(2, 5))
+        toks, lps, offsets, ended = [[] for _ in range(3)], [[] for _ in range(3)], np.zeros(3, int), np.zeros(3, bool)
+        calls = 0
+        while not ended.all():
+            rows = [None if ended[r] else (new[r] if offsets[r] == 0 else []) for r in range(3)]
+            out = sliced.decode(rows, stops, keys, offsets, [turn == 0 and o == 0 for o in offsets], chunk)
+            for r in np.flatnonzero(~ended):
+                toks[r] += out.tokens[r]
+                lps[r] += list(out.logprobs[r])
+                offsets[r] += len(out.tokens[r])
+                assert len(out.tokens[r]) <= chunk
+                ended[r] = out.stopped[r] or offsets[r] >= 7
+            calls += 1
+        assert toks == ref.tokens and calls >= -(-max(map(len, toks)) // chunk)
+        for a, b in zip(lps, ref.logprobs):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+        new = [[20 + turn, 21], [22], [23, 24, 25]]
+    with pytest.raises(ValueError, match="chunk=8"):
+        sliced.decode([[1]] * 3, [], keys, [0] * 3, [True] * 3, 8)

@@ -263,3 +263,48 @@ def test_multihost_training_matches_one_process(tmp_path):
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "multi-host == single process" in proc.stdout
+
+
+SMALL = ["model.n_layers=1", "rollout.tasks_per_iter=2", "optim.lr=1e-3", "optim.epochs=1", "optim.minibatches=1",
+         "train.iterations=3"]
+
+
+def test_max_staleness_0_reproduces_the_synchronous_loop(tmp_path):
+    """rollout.max_staleness: 0 is the loop as it was before asynchronous training: no rollout
+    thread, the rollout of the iteration's own policy, released sampler, then the update; every
+    metric but the timings equals the one of those steps run by hand on an identical trainer."""
+    trainer = Trainer(tiny_config(tmp_path / "a", *SMALL, "rollout.max_staleness=0"), log=lambda _: None)
+    got = trainer.step()
+    assert not trainer._worker and "policy_lag/0" not in got and got["time/rollout_collect"] > 0
+    by_hand = Trainer(tiny_config(tmp_path / "b", *SMALL, "rollout.max_staleness=0"), log=lambda _: None)
+    records = by_hand.engine.collect(by_hand.process_tasks(0), by_hand.cfg.rollout.group_size,
+                                     jax.random.fold_in(by_hand.root_key, 0))
+    by_hand.sampler.release()
+    with jax.set_mesh(by_hand.rt.mesh):
+        want = by_hand._learn(0, records, by_hand._local_batch(records))
+    assert {k: v for k, v in got.items() if k in want and not k.startswith("time/")} == \
+        {k: v for k, v in want.items() if not k.startswith("time/")}
+    assert leaves(trainer.state.params) and all(
+        np.array_equal(a, b) for a, b in zip(leaves(trainer.state.params), leaves(by_hand.state.params)))
+
+
+def test_asynchronous_training_tags_lags_and_drops_stale_steps(tmp_path):
+    """max_staleness 1: the next iteration's rollout runs during the update (lag 1, or 0 for
+    replies drawn after the new weights arrived); steps of a policy older than the bound
+    leave the policy loss and are counted."""
+    cfg = tiny_config(tmp_path, *SMALL, "rollout.max_staleness=1", "algo.behavior_weight_cap=2",
+                      "rollout.engine=slots", "rollout.slots=4")
+    trainer = Trainer(cfg, log=lambda _: None)
+    trainer.sampler.set_params(trainer.sampler.params, version=-2)  # iteration 0's steps: lag 2
+    first = trainer.step()
+    steps = first["steps/mean"] * 8
+    assert first["rollout/dropped_stale"] == steps and first["policy_lag/0"] == first["policy_lag/1"] == 0
+    assert first["policy/loss"] == 0 and first["policy/entropy"] == 0  # no step left in the policy loss
+    assert first["value/loss"] > 0  # the critic still learns from them
+    trainer.step()  # its rollout started beside update 0: with version -2 or 1
+    third = trainer.step()  # started once update 0 had set version 1
+    assert third["rollout/dropped_stale"] == 0
+    assert third["policy_lag/0"] + third["policy_lag/1"] == pytest.approx(1.0)
+    assert 0 < third["behavior/weight_mean"] <= 2 and third["policy/entropy"] > 0
+    trainer.stop_rollouts()
+    assert not trainer._rollouts

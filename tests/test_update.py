@@ -169,3 +169,41 @@ def test_micro_batching_on_sharded_meshes():
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "ALL OK" in proc.stdout
+
+
+def test_off_policy_steps_by_hand():
+    """One trajectory: prompt p0 p1, step 0 = a0 a1 (sampler log-probs -1, -2), observation o0,
+    step 1 = b0 (-0.5). The proximal policy (pi_old recomputed at update time) gives -0.8,
+    -1.6 and -1.5: step weights min(exp((0.2 + 0.4) / 2), 1.25) = 1.25 (capped) and
+    exp(-1.0). Dropping step 1 (too stale) leaves the policy loss of step 0 alone: the current
+    policy 0.1 above pi_old on its tokens gives the step ratio exp(0.1), and with A_0 = 2 the
+    loss is -2 exp(0.1) x 1.25 over one step (with step 1 kept: + 1 x exp(-1), over two)."""
+    from steppo_jax.rollout import TrajectoryRecord, packed_batch as layout
+    from steppo_jax.train.update import drop_steps
+
+    rec = TrajectoryRecord(task_id=0, seed=0, group=0, terminated=True, live=False, rewards=[0.0, 1.0], anchors=[0, 0])
+    rec.append_context([1, 2])
+    rec.append_action([3, 4], [-1.0, -2.0], version=4)
+    rec.append_context([5])
+    rec.append_action([6], [-0.5], version=2)
+    batch = layout([rec], 2, seq_len=8)
+    prox = np.zeros((1, 8), np.float32)
+    prox[0, 2:4], prox[0, 5] = [-0.8, -1.6], -1.5
+    algo = AlgoSection(behavior_weight_cap=1.25)
+    new, weights, metrics = behavior_policy(batch, prox, algo=algo)
+    np.testing.assert_allclose(weights, [[1.25, np.exp(-1.0)]], rtol=1e-6)
+    assert float(metrics["behavior/weight_capped_frac"]) == 0.5
+    kept = np.asarray(drop_steps(batch, np.array([[False, True]])))
+    assert kept.tolist() == [[-1, -1, 0, 0, -1, -1, -1, -1]]
+    zeros = np.zeros((1, 8), np.float32)
+    adv = np.where(batch.step_ids == 0, 2.0, np.where(batch.step_ids == 1, -1.0, 0.0)).astype(np.float32)
+    logp = np.where(batch.step_ids == 0, prox + 0.1, prox).astype(np.float32)
+    models = types.SimpleNamespace(critic_level=None)
+    for step_ids, want, steps in ((kept, -2 * np.exp(0.1) * 1.25, 1),
+                                  (batch.step_ids, -2 * np.exp(0.1) * 1.25 + np.exp(-1.0), 2)):
+        mb = TrainBatch(tokens=batch.tokens, step_ids=step_ids, old_logp=new.old_logp, ref_logp=zeros, adv_bt=adv,
+                        returns_bt=zeros, old_values_bt=zeros, value_pos=batch.value_pos, slot_mask=batch.slot_mask(),
+                        returns_bs=np.zeros((1, 2), np.float32), behavior_weight_bs=weights, segment_ids=None)
+        total, den = loss_terms(jnp.asarray(logp), zeros, zeros, mb, models, algo)[0]["policy_loss"]
+        assert float(den) == steps
+        np.testing.assert_allclose(float(total), want, rtol=1e-5)

@@ -15,12 +15,13 @@ Built-in environments: ``multihop_qa`` (the default demo), ``hotpotqa``, ``sokob
 
 from steppo_jax.envs.base import Environment, Reset, StepResult, TaskSplit
 from steppo_jax.envs.pool import CallResult, EnvPool
-from steppo_jax.envs.registry import make, register, registered
+from steppo_jax.envs.processes import ProcessEnvs, RemoteError
+from steppo_jax.envs.registry import make, register, registered, resolve
 from steppo_jax.envs.tools import (ParsedReply, ToolCall, ToolEnv, ToolOutcome,
                                    format_tool_call, parse_tool_call, tool_schema)
 
 __all__ = [
-    "CallResult", "EnvPool", "Environment", "ParsedReply", "Reset", "StepResult", "TaskSplit", "ToolCall",
-    "ToolEnv", "ToolOutcome", "format_tool_call", "make", "parse_tool_call", "register",
-    "registered", "tool_schema",
+    "CallResult", "EnvPool", "Environment", "ParsedReply", "ProcessEnvs", "RemoteError", "Reset", "StepResult",
+    "TaskSplit", "ToolCall", "ToolEnv", "ToolOutcome", "format_tool_call", "make", "parse_tool_call", "register",
+    "registered", "resolve", "tool_schema",
 ]

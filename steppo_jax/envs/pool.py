@@ -1,5 +1,8 @@
 """Run many environments' ``reset``/``step`` concurrently, each call under a timeout.
 
+``run`` waits for a batch of calls; ``submit`` and ``wait`` let the caller go on (decoding,
+say) while calls run, and collect each as it finishes.
+
 An exception or a timeout in one call fails only that call: its :class:`CallResult` carries the
 reason and the caller ends that trajectory as failed; the rest of the batch goes on. A call that
 hangs cannot be killed in Python, so its worker thread is abandoned (it is a daemon thread and
@@ -34,8 +37,10 @@ class CallResult(Generic[T]):
         return self.error is None
 
 
-class _Job:
-    def __init__(self, fn: Callable[[], Any]):
+class Call(Generic[T]):
+    """The handle of a submitted call (``EnvPool.submit``); ``result()`` once it is finished."""
+
+    def __init__(self, fn: Callable[[], T]):
         self.fn = fn
         self.started: float | None = None
         self.finished = False
@@ -43,6 +48,11 @@ class _Job:
         self.value: Any = None
         self.error: str | None = None
         self.seconds = 0.0
+
+    def result(self) -> CallResult[T]:
+        if not self.finished:
+            raise RuntimeError("the call has not finished: EnvPool.wait for it first")
+        return CallResult(self.value, self.error, self.seconds)
 
 
 class EnvPool:
@@ -59,10 +69,10 @@ class EnvPool:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.timeout_s = timeout_s
         self.num_failures = 0
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Call | None] = queue.SimpleQueue()
         self._cond = threading.Condition()
         self._closed = False
-        self._num_workers = num_workers
+        self.num_workers = num_workers
         for _ in range(num_workers):
             self._spawn_worker()
 
@@ -90,33 +100,48 @@ class EnvPool:
                 job.value, job.error = value, error
                 job.seconds = time.monotonic() - job.started
                 job.finished = True
+                self.num_failures += error is not None
                 self._cond.notify_all()
 
-    def run(self, calls: Sequence[Callable[[], T]]) -> list[CallResult[T]]:
-        """Run the zero-argument ``calls`` concurrently; results in the same order."""
+    def submit(self, fn: Callable[[], T]) -> "Call[T]":
+        """Queues the zero-argument ``fn``; returns its handle at once (see ``wait``)."""
         if self._closed:
             raise RuntimeError("EnvPool is closed")
-        jobs = [_Job(fn) for fn in calls]
-        for job in jobs:
-            self._queue.put(job)
+        job = Call(fn)
+        self._queue.put(job)
+        return job
+
+    def wait(self, calls: Sequence["Call"], timeout: float | None = None) -> list["Call"]:
+        """The finished calls of ``calls`` (a call past its time limit is finished as failed),
+        waiting until at least one is, or ``timeout`` seconds (0: just look; None: no limit).
+        Read a finished call's outcome with ``result``."""
+        end = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while True:
                 now = time.monotonic()
-                pending = [j for j in jobs if not j.finished]
-                for job in pending:
-                    if job.started is not None and now - job.started >= self.timeout_s:
+                for job in calls:
+                    if not job.finished and job.started is not None and now - job.started >= self.timeout_s:
                         job.abandoned = job.finished = True
                         job.seconds = now - job.started
                         job.error = f"TimeoutError: call exceeded {self.timeout_s:g} s"
+                        self.num_failures += 1
                         self._spawn_worker()
-                pending = [j for j in jobs if not j.finished]
-                if not pending:
-                    break
-                deadlines = [j.started + self.timeout_s for j in pending if j.started is not None]
+                done = [j for j in calls if j.finished]
+                if done or not calls or (end is not None and now >= end):
+                    return done
+                deadlines = [j.started + self.timeout_s for j in calls if j.started is not None]
+                if end is not None:
+                    deadlines.append(end)
                 self._cond.wait(timeout=max(min(deadlines) - now, 0.0) if deadlines else None)
-        results = [CallResult(j.value, j.error, j.seconds) for j in jobs]
-        self.num_failures += sum(not r.ok for r in results)
-        return results
+
+    def run(self, calls: Sequence[Callable[[], T]]) -> list[CallResult[T]]:
+        """Run the zero-argument ``calls`` concurrently; results in the same order."""
+        jobs = [self.submit(fn) for fn in calls]
+        pending = list(jobs)
+        while pending:
+            finished = set(map(id, self.wait(pending)))
+            pending = [j for j in pending if id(j) not in finished]
+        return [j.result() for j in jobs]
 
     def reset(self, envs: Sequence[Environment], task_ids: Sequence[int],
               seeds: Sequence[int]) -> list[CallResult[Reset]]:
@@ -138,7 +163,7 @@ class EnvPool:
         """Stop the idle workers (a hung call's thread is left to finish on its own)."""
         if not self._closed:
             self._closed = True
-            for _ in range(self._num_workers):
+            for _ in range(self.num_workers):
                 self._queue.put(None)
 
     def __enter__(self) -> "EnvPool":

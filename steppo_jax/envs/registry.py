@@ -51,7 +51,9 @@ def registered() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _resolve(name: str) -> Factory:
+def resolve(name: str) -> Factory:
+    """The factory registered as ``name`` (a lazy ``'module:Class'`` imported): picklable when
+    it is a module-level class or function, for environments built in other processes."""
     if name not in _REGISTRY:
         raise UnknownEnvironmentError(f"unknown environment {name!r}; "
                                       f"known: {', '.join(registered())}")
@@ -77,7 +79,7 @@ def make(name: str, **options: Any) -> Environment:
     Unknown options are rejected with the list of accepted ones (unless the factory takes
     ``**kwargs``).
     """
-    factory = _resolve(name)
+    factory = resolve(name)
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):

@@ -3,6 +3,7 @@
 from steppo_jax.rollout.engine import (STAT_KEYS, ChatCodec, RolloutEngine, RolloutSettings, RolloutTimings,
                                        rollout_stats, stats_table, table_stats)
 from steppo_jax.rollout.records import TrajectoryRecord, anchor_id, bucket_len, packed_batch, step_rows_batch
+from steppo_jax.rollout.slots import SlotEngine
 
 __all__ = [
     "STAT_KEYS",
@@ -10,6 +11,7 @@ __all__ = [
     "RolloutEngine",
     "RolloutSettings",
     "RolloutTimings",
+    "SlotEngine",
     "TrajectoryRecord",
     "anchor_id",
     "bucket_len",

@@ -36,9 +36,25 @@ class RolloutSettings:
 
 @dataclasses.dataclass
 class RolloutTimings:
+    """What a rollout spent, summed over ``collect`` calls: host seconds in sampler calls,
+    waiting for environments and in host glue; decoded tokens and the slot-steps decoding
+    ran (rows x the longest row's tokens, per call): their ratio is the slot utilisation."""
+
     sampler_s: float = 0.0
     env_s: float = 0.0
     glue_s: float = 0.0
+    decoded_tokens: int = 0
+    slot_steps: int = 0
+
+    def count_call(self, tokens: Sequence[Sequence[int]], rows: int) -> None:
+        """Counts one sampler call that drew ``tokens`` (per row) on ``rows`` rows."""
+        self.decoded_tokens += sum(map(len, tokens))
+        self.slot_steps += rows * max(map(len, tokens), default=0)
+
+    @property
+    def slot_utilisation(self) -> float:
+        """Useful decoded tokens / slot-steps (1 when nothing was decoded)."""
+        return self.decoded_tokens / self.slot_steps if self.slot_steps else 1.0
 
 
 class ChatCodec:
@@ -88,7 +104,35 @@ class RolloutEngine:
         if B != self.sampler.batch_size:
             raise ValueError(f"{len(tasks)} tasks x group {group_size} = {B} trajectories, "
                              f"but the sampler holds {self.sampler.batch_size} rows")
+        envs, records, new, opening = self._start(tasks, group_size, timings)
+        rebuild = self.settings.history_window is not None
+        for k in range(self.settings.max_steps):
+            t0 = time.perf_counter()
+            live = [i for i in range(B) if records[i].live and (not rebuild or self._rebuild(records[i], opening[i], new, i))]
+            if not live:
+                break
+            out = self.sampler.step([new[i] if records[i].live else None for i in range(B)], self.codec.stop_ids,
+                                    jax.random.fold_in(key, k), reset=(k == 0 or rebuild))
+            timings.sampler_s += time.perf_counter() - t0
+            timings.count_call(out.tokens, B)
+            t0 = time.perf_counter()
+            actions = [self._act(records[i], out.tokens[i], out.logprobs[i], out.version) for i in live]
+            timings.glue_s += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            results = self.pool.step([envs[i] for i in live], actions)
+            timings.env_s += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for i, res in zip(live, results):
+                self._advance(records[i], res, bool(out.stopped[i]), k, new, i)
+            timings.glue_s += time.perf_counter() - t0
+        self._finish(records, opening)
+        return records
+
+    def _start(self, tasks: Sequence[tuple[int, int]], group_size: int, timings: RolloutTimings):
+        """Fresh environments reset for each trajectory; returns (envs, records, the first new
+        ids of each trajectory, its opening messages)."""
         t0 = time.perf_counter()
+        B = len(tasks) * group_size
         envs = [self.make_env() for _ in range(B)]
         records = [TrajectoryRecord(task_id=t, seed=s, group=g) for g, (t, s) in enumerate(tasks) for _ in range(group_size)]
         resets = self.pool.reset(envs, [r.task_id for r in records], [r.seed for r in records])
@@ -110,42 +154,29 @@ class RolloutEngine:
             if len(new[i]) + self.sampler.max_new_tokens > self.settings.max_context:
                 rec.failed, rec.live = f"prompt of {len(new[i])} tokens leaves no room in max_context", False
         timings.glue_s += time.perf_counter() - t0
+        return envs, records, new, opening
 
-        for k in range(self.settings.max_steps):
-            live = [i for i in range(B) if records[i].live]
-            if not live:
-                break
-            t0 = time.perf_counter()
-            rebuild = self.settings.history_window is not None
-            if rebuild:
-                for i in live:
-                    new[i] = self._window_prompt(records[i], opening[i])
-                    if len(new[i]) + self.sampler.max_new_tokens > self.settings.max_context:
-                        # no room for a reply; without room for the window itself, no state either
-                        records[i].truncated, records[i].live = True, False
-                        records[i].overflowed = len(new[i]) > self.settings.max_context
-                    else:
-                        records[i].contexts.append(new[i])
-                live = [i for i in live if records[i].live]
-                if not live:
-                    break
-            out = self.sampler.step([new[i] if records[i].live else None for i in range(B)], self.codec.stop_ids,
-                                    jax.random.fold_in(key, k), reset=(k == 0 or rebuild))
-            timings.sampler_s += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            actions = []
-            for i in live:
-                records[i].append_action(out.tokens[i], out.logprobs[i])
-                actions.append(self.codec.reply_text(out.tokens[i]))
-                records[i].messages.append({"role": "assistant", "content": actions[-1]})
-            timings.glue_s += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            results = self.pool.step([envs[i] for i in live], actions)
-            timings.env_s += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            for i, res in zip(live, results):
-                self._advance(records[i], res, bool(out.stopped[i]), k, new, i)
-            timings.glue_s += time.perf_counter() - t0
+    def _rebuild(self, rec: TrajectoryRecord, opening: list[dict[str, Any]], new: list, i: int) -> bool:
+        """History windows: the prompt of the trajectory's next step, rebuilt into new[i];
+        False (and the trajectory ended) when it leaves no room for a reply."""
+        new[i] = self._window_prompt(rec, opening)
+        if len(new[i]) + self.sampler.max_new_tokens > self.settings.max_context:
+            # no room for a reply; without room for the window itself, no state either
+            rec.truncated, rec.live = True, False
+            rec.overflowed = len(new[i]) > self.settings.max_context
+            return False
+        rec.contexts.append(new[i])
+        return True
+
+    def _act(self, rec: TrajectoryRecord, ids: list[int], logprobs, version: int) -> str:
+        """Records a reply sampled by policy ``version``; returns its text, the action sent to
+        the environment."""
+        rec.append_action(ids, logprobs, version)
+        text = self.codec.reply_text(ids)
+        rec.messages.append({"role": "assistant", "content": text})
+        return text
+
+    def _finish(self, records: list[TrajectoryRecord], opening: list[list[dict[str, Any]]]) -> None:
         for rec, first in zip(records, opening):
             if rec.live:  # ran out of steps without the environment ending the episode
                 rec.truncated, rec.live = True, False
@@ -155,7 +186,6 @@ class RolloutEngine:
                     rec.overflowed = True  # no room for the state itself: bootstrap 0
                 else:
                     rec.contexts.append(final)
-        return records
 
     def _advance(self, rec: TrajectoryRecord, res, closed: bool, k: int, new: list, i: int) -> None:
         """Applies one environment answer to a trajectory."""

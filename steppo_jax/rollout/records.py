@@ -35,6 +35,7 @@ class TrajectoryRecord:
       trajectory with a final state has one more: ``contexts[num_steps]``, the context the
       next step would have been sampled from.
     rewards, anchors: per step; anchors[k] is the state before step k.
+    versions: per step, the policy version that sampled it (``Sampler.set_params``).
     overflowed: the episode was cut because its final observation did not fit in the
       context: the state after the last step is not recorded (bootstrap 0).
     """
@@ -48,6 +49,7 @@ class TrajectoryRecord:
     contexts: list[list[int]] | None = None
     rewards: list[float] = dataclasses.field(default_factory=list)
     anchors: list[int] = dataclasses.field(default_factory=list)
+    versions: list[int] = dataclasses.field(default_factory=list)
     messages: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     tools: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     terminated: bool = False
@@ -62,7 +64,8 @@ class TrajectoryRecord:
         self.tokens.extend(ids)
         self.logprobs.extend([0.0] * len(ids))
 
-    def append_action(self, ids: Sequence[int], logprobs: Sequence[float]) -> None:
+    def append_action(self, ids: Sequence[int], logprobs: Sequence[float], version: int = 0) -> None:
+        self.versions.append(version)
         start = len(self.tokens)
         self.tokens.extend(ids)
         self.logprobs.extend(float(x) for x in logprobs)

@@ -12,6 +12,7 @@ from flax import nnx
 
 from steppo_jax.sampling.generate import init_state, jit_generate
 from steppo_jax.sampling.select import SamplingParams
+from steppo_jax.sampling.slots import jit_decode_slots, jit_prefill_slots
 
 
 def bucket(n: int, minimum: int = 8) -> int:
@@ -31,13 +32,22 @@ def _row_keys(key: jax.Array, rows: jax.Array) -> jax.Array:
     return jax.vmap(jax.random.fold_in, (None, 0))(key, rows)
 
 
+@jax.jit
+def reply_keys(key: jax.Array, steps: jax.Array, rows: jax.Array) -> jax.Array:
+    """The key of step steps[b] of global row rows[b] of a rollout keyed ``key`` [B]: the key
+    `Sampler.step(..., fold_in(key, step))` gives that row, for `Sampler.decode`."""
+    return jax.vmap(lambda k, r: jax.random.fold_in(jax.random.fold_in(key, k), r))(steps, rows)
+
+
 class StepOutput(NamedTuple):
     """Per row: generated ids and their behaviour log-probs (empty for inactive rows);
-    `stopped[b]` is True when the step ended on one of the row's stop tokens."""
+    `stopped[b]` is True when the step ended on one of the row's stop tokens; `version`: the
+    policy version of the weights that drew them (`Sampler.set_params`)."""
 
     tokens: list[list[int]]
     logprobs: list[np.ndarray]
     stopped: np.ndarray
+    version: int = 0
 
 
 class Sampler:
@@ -58,6 +68,11 @@ class Sampler:
     `steppo_jax.models.token_logprobs` of the trainer's forward on the same tokens.
     `set_params` swaps in new weights without recompiling.
 
+    `decode` serves the slot engine (`steppo_jax.rollout.SlotEngine`): each row is a slot,
+    each call draws at most `chunk` tokens of every active slot's reply, with the slot's own
+    reply key, so a reply cut into chunks is the one `step` draws; only the slots starting a
+    reply are prefilled (`steppo_jax.sampling.slots`).
+
     Row b samples with the key `fold_in(key, first_row + b)`: a sampler holding rows
     [first_row, first_row + B) of a larger batch (one process's share) draws exactly what one
     sampler holding the whole batch would draw for those rows.
@@ -66,7 +81,8 @@ class Sampler:
     def __init__(self, model, *, batch_size: int, capacity: int, max_new_tokens: int,
                  sampling: SamplingParams = SamplingParams(), max_stop_ids: int = 8,
                  mesh: jax.sharding.Mesh | None = None, first_row: int = 0, prefill_chunk: int = 1024):
-        self.graphdef, self.params = nnx.split(model)
+        self.graphdef, params = nnx.split(model)
+        self._weights = (params, 0)  # (params, policy version): swapped together, read together
         self.prefill_chunk = prefill_chunk
         self.batch_size, self.capacity, self.first_row = batch_size, capacity, first_row
         self.max_new_tokens, self.sampling, self.max_stop_ids = max_new_tokens, sampling, max_stop_ids
@@ -79,17 +95,28 @@ class Sampler:
             self.state = jax.jit(init_state, static_argnums=(0, 1, 2))(self.config, self.batch_size, self.capacity)
         self._lengths[:] = 0
 
+    @property
+    def params(self) -> nnx.State | None:
+        return self._weights[0]
+
+    @property
+    def version(self) -> int:
+        """The policy version of the current weights (0 for the model's own)."""
+        return self._weights[1]
+
     def release(self) -> None:
         """Frees the KV cache and the weights (e.g. while the trainer updates the policy); the
         next `step` needs `set_params` first and starts every row anew."""
-        self.state, self.params = None, None
+        self.state, self._weights = None, (None, self.version)
 
     def _mesh_ctx(self):
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
-    def set_params(self, params: nnx.State) -> None:
-        """Swap in new policy weights (same structure), e.g. after a training step."""
-        self.params = params
+    def set_params(self, params: nnx.State, version: int | None = None) -> None:
+        """Swap in new policy weights (same structure), e.g. after a training step; ``version``
+        (default: unchanged) tags what they draw (`StepOutput.version`). Safe while another
+        thread samples: a call uses the weights and version it started with."""
+        self._weights = (params, self.version if version is None else version)
 
     def step(self, new_tokens: Sequence[Sequence[int] | None], stop_ids, key: jax.Array,
              reset: bool | Sequence[bool] = False) -> StepOutput:
@@ -97,7 +124,8 @@ class Sampler:
         rows, or one list per row; key: PRNG key of the whole batch (see the class). Returns `StepOutput` (row b's tokens end on a
         stop id when stopped[b], else after max_new_tokens)."""
         b = self.batch_size
-        if self.params is None:
+        params, version = self._weights
+        if params is None:
             raise ValueError("the sampler was released: set_params before the next step")
         if self.state is None:
             self._allocate()
@@ -108,12 +136,7 @@ class Sampler:
         active = np.array([t is not None for t in new_tokens])
         lens = np.array([len(t) if t is not None else 0 for t in new_tokens])
         lengths = np.where(reset_rows, 0, self._lengths)
-        for r in np.flatnonzero(active):
-            if lengths[r] + lens[r] == 0:
-                raise ValueError(f"row {r} is active but has no context to decode from")
-            if lengths[r] + lens[r] + self.max_new_tokens > self.capacity:
-                raise ValueError(f"row {r}: {lengths[r]} cached + {lens[r]} new + max_new_tokens="
-                                 f"{self.max_new_tokens} exceeds the cache capacity {self.capacity}")
+        self._check_room(np.flatnonzero(active), lengths, lens)
         # attend only over the cache prefix this call can reach (power-of-two buckets, >= 128)
         reach = int(np.max(np.where(active, lengths + lens + 1 + self.max_new_tokens, 1)))
         span = min(self.capacity, bucket(reach, 128))
@@ -127,7 +150,7 @@ class Sampler:
         with self._mesh_ctx():
             keys = _row_keys(key, jnp.arange(self.first_row, self.first_row + b))
             self.state, out = jit_generate(
-                self.graphdef, self.params, self.state, jnp.asarray(tok), jnp.asarray(lens, jnp.int32),
+                self.graphdef, params, self.state, jnp.asarray(tok), jnp.asarray(lens, jnp.int32),
                 jnp.asarray(active), jnp.asarray(reset_rows), jnp.asarray(stops), keys,
                 max_new_tokens=self.max_new_tokens, sampling=self.sampling, span=span,
                 prefill_chunk=self.prefill_chunk)
@@ -137,7 +160,81 @@ class Sampler:
             tokens=[tokens[r, :n[r]].tolist() for r in range(b)],
             logprobs=[logprobs[r, :n[r]] for r in range(b)],
             stopped=np.asarray(stopped),
+            version=version,
         )
+
+    def decode(self, new_tokens: Sequence[Sequence[int] | None], stop_ids, keys: jax.Array,
+               offsets: Sequence[int], reset: Sequence[bool], chunk: int) -> StepOutput:
+        """At most ``chunk`` tokens of each active row's reply (the slot engine's call).
+
+        A row starting a reply (offsets[b] == 0) appends new_tokens[b] as in `step`, prefilled
+        with the other starting rows only (`sampling.slots.prefill_slots`); a row continuing
+        one passes [] and the tokens its reply holds so far as offsets[b]. keys [B]: each
+        row's reply key (`reply_keys`); a reply is the one `step` draws with that key, however
+        it is cut into chunks. stopped[b]: the reply ended on a stop token; it is also over
+        when offsets[b] + len(tokens[b]) reaches max_new_tokens.
+        """
+        b = self.batch_size
+        if not 1 <= chunk <= self.max_new_tokens:
+            raise ValueError(f"chunk={chunk} must be in [1, max_new_tokens={self.max_new_tokens}]")
+        params, version = self._weights
+        if params is None:
+            raise ValueError("the sampler was released: set_params before the next step")
+        if self.state is None:
+            self._allocate()
+            reset = [True] * b
+        if len(new_tokens) != b:
+            raise ValueError(f"expected {b} rows of new tokens, got {len(new_tokens)}")
+        offsets = np.asarray(offsets, np.int32)
+        active = np.array([t is not None for t in new_tokens])
+        starting = active & (offsets == 0)
+        lens = np.array([len(t) if t is not None else 0 for t in new_tokens])
+        lengths = np.where(starting & np.asarray(reset, bool), 0, self._lengths)
+        self._check_room(np.flatnonzero(starting), lengths, lens)
+        stops = jnp.asarray(self._stop_array(stop_ids))
+        tokens, logprobs = [[] for _ in range(b)], [np.zeros(0, np.float32) for _ in range(b)]
+        stopped = np.zeros(b, bool)
+        with self._mesh_ctx():
+            widths = {r: prefill_width(int(lens[r]) + 1, self.prefill_chunk) for r in np.flatnonzero(starting)}
+            for width in sorted(set(widths.values())):  # one prefill per width: short ones pad little
+                first = np.array([r for r, w in widths.items() if w == width])
+                size = min(bucket(first.size, 4), b)  # distinct rows: the starting ones, then others
+                rows = np.concatenate([first, np.setdiff1d(np.arange(b), first)[:size - first.size]])
+                tok = np.zeros((size, width - 1), np.int32)
+                for p, r in enumerate(first):
+                    tok[p, :lens[r]] = new_tokens[r]
+                # the whole cache is read: a chunk prefills few rows, and shapes stay few
+                self.state, out = jit_prefill_slots(
+                    self.graphdef, params, self.state, jnp.asarray(rows), jnp.asarray(np.arange(size) < first.size),
+                    jnp.asarray(tok), jnp.asarray(lens[rows], jnp.int32), jnp.asarray(np.asarray(reset, bool)[rows]),
+                    stops[rows], keys[rows], sampling=self.sampling, prefill_chunk=self.prefill_chunk)
+                tok0, lp0, _, stop0 = jax.device_get(tuple(out))
+                for p, r in enumerate(first):
+                    tokens[r], logprobs[r], stopped[r] = [int(tok0[p, 0])], lp0[p, :1], bool(stop0[p])
+            drawn = np.array([len(t) for t in tokens])
+            budget = np.where(active & ~stopped, np.minimum(chunk, self.max_new_tokens - offsets) - drawn, 0)
+            if budget.max() > 0:
+                reach = int(np.max(np.where(budget > 0, lengths + lens + drawn + budget, 1)))
+                self.state, out = jit_decode_slots(
+                    self.graphdef, params, self.state, jnp.asarray(budget > 0), stops, keys,
+                    jnp.asarray(offsets + drawn), jnp.asarray(budget, jnp.int32), chunk=chunk, sampling=self.sampling,
+                    span=min(self.capacity, bucket(reach, 128)))
+                more, lp, n, stop = jax.device_get(tuple(out))
+                for r in np.flatnonzero(budget > 0):
+                    tokens[r] = tokens[r] + more[r, :n[r]].tolist()
+                    logprobs[r] = np.concatenate([logprobs[r], lp[r, :n[r]]])
+                    stopped[r] = bool(stop[r])
+        self._lengths = np.where(active, lengths + lens + np.array([len(t) for t in tokens]), self._lengths)
+        return StepOutput(tokens=tokens, logprobs=logprobs, stopped=stopped, version=version)
+
+    def _check_room(self, rows, lengths: np.ndarray, lens: np.ndarray) -> None:
+        """Each of ``rows`` has context to decode from and room for a whole reply."""
+        for r in rows:
+            if lengths[r] + lens[r] == 0:
+                raise ValueError(f"row {r} is active but has no context to decode from")
+            if lengths[r] + lens[r] + self.max_new_tokens > self.capacity:
+                raise ValueError(f"row {r}: {lengths[r]} cached + {lens[r]} new + max_new_tokens="
+                                 f"{self.max_new_tokens} exceeds the cache capacity {self.capacity}")
 
     def _stop_array(self, stop_ids) -> np.ndarray:
         stop_ids = list(stop_ids)

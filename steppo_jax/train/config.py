@@ -110,6 +110,12 @@ class EnvSection:
     A generated environment's held-out tasks are the ids right after the training ids."""
     step_timeout_s: float = 10.0
     """Seconds one environment step may take before it counts as a failure."""
+    pool: Literal["thread", "process"] = "thread"
+    """Where environments run: ``thread``: in this process, on ``workers`` threads; ``process``:
+    each built in one of ``workers`` worker processes (``steppo_jax.envs.ProcessEnvs``), for
+    CPU-bound environments that would serialise on the GIL. Same timeouts and failure isolation."""
+    workers: int = 8
+    """Threads (``pool: thread``) or worker processes (``pool: process``) running environment calls."""
     max_invalid_calls: int = 3
     """Consecutive malformed replies that truncate an episode (0 = never)."""
 
@@ -144,6 +150,27 @@ class RolloutSection:
     pack_step_rows: bool = True
     """``step_rows`` layout: pack several short step rows into one row (first-fit decreasing,
     segment-aware attention) instead of one step per row; ignored by ``packed``."""
+    engine: Literal["sync", "slots"] = "sync"
+    """``sync``: each round decodes one reply of every live trajectory, then every environment
+    steps; ``slots``: continuous batching (``steppo_jax.rollout.SlotEngine``): decode slots
+    refilled between chunks of ``decode_chunk`` tokens, environments stepping while other
+    slots decode. Greedy decoding gives the same trajectories either way."""
+    decode_chunk: int = 8
+    """``slots``: tokens each slot decodes per sampler call (between two refills); at most
+    ``max_new_tokens``."""
+    max_staleness: int = 0
+    """Asynchronous training: 0 = rollout, then update, in turn; k >= 1 = the rollouts of the
+    next k iterations run (in a background thread) while the current update does, with the
+    newest weights at each sampler call. Every step carries the policy version that sampled
+    it; the loss corrects for it step by step (behaviour = the sampler's log-probs, proximal
+    policy = pi_old recomputed at update time, weight capped by ``algo.behavior_weight_cap``,
+    which must be set), and steps more than k versions old are dropped from the policy loss
+    (counted in ``rollout/dropped_stale``). One process only; a resumed run restarts the
+    rollouts in flight."""
+    slots: int = 0
+    """``slots``: decode slots (each with its own KV cache of ``max_context`` tokens); 0 = one
+    per trajectory of the batch. Fewer slots than trajectories keep them busy while
+    environments answer (a trajectory that lost its slot re-prefills its stream)."""
 
 
 @dataclass(frozen=True)
@@ -373,13 +400,14 @@ def _get(cfg: Config, path: str) -> Any:
 
 _AT_LEAST_ONE = (
     "model.d_model", "model.attention_block", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.d_ff",
-    "env.max_steps", "env.eval_tasks", "rollout.group_size", "rollout.tasks_per_iter",
-    "rollout.max_new_tokens", "rollout.max_context", "rollout.prefill_chunk", "optim.epochs", "optim.minibatches", "optim.logprob_chunk",
+    "env.max_steps", "env.eval_tasks", "env.workers", "rollout.group_size", "rollout.tasks_per_iter",
+    "rollout.max_new_tokens", "rollout.max_context", "rollout.prefill_chunk", "rollout.decode_chunk", "optim.epochs", "optim.minibatches", "optim.logprob_chunk",
     "train.checkpoint_every", "train.eval_every", "train.keep_checkpoints",
     "sft.batch_size", "sft.num_demos", "mesh.fsdp", "mesh.tensor",
 )
 _NON_NEGATIVE = (
-    "seed", "env.max_invalid_calls", "rollout.top_k", "algo.step_weight", "algo.whiten_std_floor",
+    "seed", "env.max_invalid_calls", "rollout.top_k", "rollout.slots", "rollout.max_staleness", "algo.step_weight",
+    "algo.whiten_std_floor",
     "algo.value_coef", "algo.entropy_coef", "algo.kl_coef", "optim.warmup_steps", "optim.micro_batch_rows",
     "optim.weight_decay", "train.iterations", "sft.steps", "sft.seed_offset",
 )
@@ -420,6 +448,10 @@ def _rules(cfg: Config):
     yield "model.n_kv_heads", m.source == "tiny" and m.n_heads % m.n_kv_heads != 0, "must divide model.n_heads"
     yield ("rollout.max_new_tokens", r.max_new_tokens >= r.max_context,
            "must be smaller than rollout.max_context")
+    yield ("rollout.decode_chunk", r.decode_chunk > r.max_new_tokens,
+           f"must be <= rollout.max_new_tokens ({r.max_new_tokens}): a chunk draws at most one reply's tokens")
+    yield ("rollout.max_staleness", r.max_staleness > 0 and not a.behavior_weight_cap,
+           "needs algo.behavior_weight_cap >= 1 (the capped step-level importance weight of off-policy steps)")
     yield ("rollout.layout", a.estimator == "token_gae" and r.layout != "packed",
            "must be 'packed' for algo.estimator 'token_gae' (its recursion runs across the steps of one row)")
     yield ("rollout.history_window", r.history_window is not None and r.history_window < 0, "must be >= 0 or null")

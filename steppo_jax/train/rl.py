@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 import jax
@@ -37,7 +38,7 @@ from steppo_jax.train.runtime import Runtime
 from steppo_jax.train.storage import as_path
 from steppo_jax.train.state import build_models, copy_tree, critic_from_policy, init_state, make_optimizer
 from steppo_jax.train.tasks import TaskBatches
-from steppo_jax.train.update import TrainBatch, assign_credit, behavior_policy, make_update, score
+from steppo_jax.train.update import TrainBatch, assign_credit, behavior_policy, drop_steps, make_update, score
 from steppo_jax.types import StepBatch, validate
 
 
@@ -112,6 +113,9 @@ class Trainer:
         if r.tasks_per_iter % processes:
             raise ConfigError(f"rollout.tasks_per_iter={r.tasks_per_iter} must split evenly over the {processes} processes")
         self.local_tasks = r.tasks_per_iter // processes  # per process, and so per sampler
+        if r.max_staleness and processes > 1:
+            raise ConfigError(f"rollout.max_staleness={r.max_staleness} (asynchronous training) runs in one process, "
+                              f"not {processes}")
         n_dev = self.rt.mesh.shape["data"] * self.rt.mesh.shape["fsdp"]
         if self.batch_size % (o.minibatches * n_dev):
             raise ConfigError(f"rollout.tasks_per_iter x rollout.group_size = {self.batch_size} trajectories must split "
@@ -134,7 +138,7 @@ class Trainer:
             self.state = init_state(params, self.tx)
         self.update = jax.jit(make_update(self.models, cfg.algo, r.temperature, self.tx, chunk=o.logprob_chunk,
                                           micro_batch_rows=o.micro_batch_rows), donate_argnums=0)
-        policy = nnx.merge(self.models.policy_def, self.rt.to_sample_mesh(params["policy"]))
+        policy = nnx.merge(self.models.policy_def, self._sampler_params(params["policy"]))
         local_rows = self.local_tasks * r.group_size
         self.sampler = self.rt.sampler(policy, local_rows, first_row=distributed.process_index() * local_rows)
         self.engine = self.rt.engine(self.sampler)
@@ -144,6 +148,10 @@ class Trainer:
         self.ckpt = CheckpointManager(as_path(cfg.run_dir) / "checkpoints", keep=cfg.train.keep_checkpoints)
         self.iteration = 0
         self.summary: dict = {}
+        # asynchronous training: iteration -> its rollout, run by one background thread
+        self._rollouts: dict[int, Future] = {}
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="steppo-rollout") if r.max_staleness else None
+        self._rollout_end = cfg.train.iterations  # no rollout is started for iterations past it
 
     # -- checkpoints --------------------------------------------------------------------------
     def _ckpt_tree(self):
@@ -162,7 +170,7 @@ class Trainer:
         tree, meta = self.ckpt.restore(step, target=abstract_like(self._ckpt_tree()))
         self.state, self.ref_params = tree["state"], tree["ref"]
         self.iteration, self.summary = int(meta["iteration"]), dict(meta.get("summary", {}))
-        self.sampler.set_params(self.rt.to_sample_mesh(self.state.params["policy"]))
+        self.sampler.set_params(self._sampler_params(), version=self.iteration)
         return True
 
     # -- one iteration ------------------------------------------------------------------------
@@ -189,25 +197,75 @@ class Trainer:
                                   bootstrap_row=np.where(br >= 0, br + p * batch.batch_size, -1))
         return batch
 
+    def _sampler_params(self, policy=None):
+        """The sampler's copy of the policy (default: the train state's); its own buffers under
+        asynchronous training, where it samples while the update donates the train state."""
+        params = self.rt.to_sample_mesh(self.state.params["policy"] if policy is None else policy)
+        return jax.tree.map(lambda x: x.copy(), params) if self.cfg.rollout.max_staleness else params
+
+    def _collect(self, it: int):
+        """Iteration ``it``'s rollout: (records, RolloutTimings, its wall seconds)."""
+        t0 = time.perf_counter()
+        rt = RolloutTimings()
+        records = self.engine.collect(self.process_tasks(it), self.cfg.rollout.group_size,
+                                      jax.random.fold_in(self.root_key, it), rt)
+        return records, rt, time.perf_counter() - t0
+
+    def _await_rollout(self, it: int):
+        """Iteration ``it``'s rollout, the next ``rollout.max_staleness`` ones started behind it."""
+        for j in range(it, min(it + self.cfg.rollout.max_staleness + 1, self._rollout_end)):
+            if j not in self._rollouts:
+                self._rollouts[j] = self._worker.submit(self._collect, j)
+        return self._rollouts.pop(it).result()
+
+    def stop_rollouts(self) -> None:
+        """Cancels the rollouts started ahead and waits for the one running (asynchronous training)."""
+        for future in self._rollouts.values():
+            future.cancel()
+        for future in self._rollouts.values():
+            if not future.cancelled():
+                future.exception()  # waits; a failure of a rollout nobody will use is dropped
+        self._rollouts.clear()
+
+    def _lag_stats(self, it: int, records, host_batch: StepBatch):
+        """Each step's policy lag (iteration minus the version that sampled it): the grid [N, S]
+        of steps staler than ``rollout.max_staleness`` and the lag metrics."""
+        bound = self.cfg.rollout.max_staleness
+        stale = np.zeros(host_batch.step_rewards.shape, bool)
+        lags = []
+        for i, rec in enumerate(records):
+            if rec.failed is None:
+                lag = it - np.asarray(rec.versions[:rec.num_steps], np.int64)
+                stale[i, :len(lag)] = lag > bound
+                lags.extend(lag.tolist())
+        lags = np.asarray(lags, np.int64)
+        out = {f"policy_lag/{k}": float(np.mean(lags == k)) if lags.size else 0.0 for k in range(bound + 1)}
+        return stale, out | {"rollout/dropped_stale": float(np.sum(lags > bound))}
+
     def step(self) -> dict:
         """Runs iteration ``self.iteration``; returns its metrics."""
         it = self.iteration
         t0 = time.perf_counter()
-        rt = RolloutTimings()
-        # outside the train mesh: the sampler runs on this process's sample mesh
-        records = self.engine.collect(self.process_tasks(it), self.cfg.rollout.group_size,
-                                      jax.random.fold_in(self.root_key, it), rt)
-        self.sampler.release()  # no KV cache or sampler weights beside the update
+        if self._worker:
+            records, rt, collect_s = self._await_rollout(it)
+        else:
+            # outside the train mesh: the sampler runs on this process's sample mesh
+            records, rt, collect_s = self._collect(it)
+            self.sampler.release()  # no KV cache or sampler weights beside the update
         host_batch = self._local_batch(records)
+        stale, lag_metrics = self._lag_stats(it, records, host_batch) if self._worker else (None, {})
         rollout_s = time.perf_counter() - t0
         with jax.set_mesh(self.rt.mesh):
-            out = self._learn(it, records, host_batch)
+            out = self._learn(it, records, host_batch, stale)
         self.iteration += 1
-        return out | {"time/rollout": rollout_s, "time/rollout_sampler": rt.sampler_s, "time/rollout_env": rt.env_s,
-                      "time/rollout_glue": rt.glue_s}
+        return out | lag_metrics | {
+            "time/rollout": rollout_s, "time/rollout_collect": collect_s, "time/rollout_sampler": rt.sampler_s,
+            "time/rollout_env": rt.env_s, "time/rollout_glue": rt.glue_s,
+            "rollout/slot_utilisation": rt.slot_utilisation}
 
-    def _learn(self, it: int, records, host_batch: StepBatch) -> dict:
-        """Scoring passes, credit and the PPO epochs on this iteration's batch; its metrics."""
+    def _learn(self, it: int, records, host_batch: StepBatch, stale_ns: np.ndarray | None = None) -> dict:
+        """Scoring passes, credit and the PPO epochs on this iteration's batch; its metrics.
+        ``stale_ns`` [N, S]: steps left out of the policy loss (too old a policy sampled them)."""
         cfg, o = self.cfg, self.cfg.optim
         t1 = time.perf_counter()
         batch = self.rt.put_local(host_batch)
@@ -225,6 +283,8 @@ class Trainer:
         batch = batch.replace(ref_logp=ref_logp)
         credit, rewards = assign_credit(batch, values, algo=cfg.algo)
         train = train_batch(batch, batch.old_logp, ref_logp, values, credit, behavior_weight)
+        if stale_ns is not None:
+            train = train._replace(step_ids=drop_steps(batch, self.rt.put_local(stale_ns)))
         # fetched before the updates run: on CPU devices two programs with collectives in
         # flight at once can starve each other of threads
         diag, behavior = jax.device_get((batch_stats(sampled, logp, values, credit, rewards,
@@ -239,7 +299,7 @@ class Trainer:
                 self.state, metrics = self.update(self.state, train, perm[m * size:(m + 1) * size])
                 updates.append(metrics)
         updates = jax.device_get(updates)
-        self.sampler.set_params(self.rt.to_sample_mesh(self.state.params["policy"]))
+        self.sampler.set_params(self._sampler_params(), version=it + 1)
         t3 = time.perf_counter()
 
         stats = table_stats(distributed.gather_rows(stats_table(records)))
@@ -255,7 +315,8 @@ class Trainer:
                "policy/ratio_mean": mean("ratio_mean"), "policy/ratio_max": float(np.max([u["ratio_max"] for u in updates])),
                "policy/grad_norm": mean("grad_norm"), "value/loss": mean("value_loss"),
                "skipped_updates": float(np.sum([u["skipped"] for u in updates])),
-               "adv/std": float(diag["adv_std"]), "sampler_logp_gap": float(diag["sampler_logp_gap"]), "rows": float(rows), "seq_len": float(host_batch.seq_len),
+               "adv/std": float(diag["adv_std"]), "sampler_logp_gap": float(diag["sampler_logp_gap"]),
+               "rows": float(rows), "seq_len": float(host_batch.seq_len),
                "time/passes": t2 - t1, "time/update": t3 - t2}
         if "kl_ref" in updates[0]:
             out["policy/kl"] = mean("kl_ref")
@@ -289,6 +350,7 @@ class Trainer:
                 writer.write(-1, {"eval/" + k: v for k, v in initial.items()})
             self.log(f"initial greedy success on {cfg.env.eval_tasks} held-out tasks: {initial['success']:.1%}")
         end = cfg.train.iterations if stop_after is None else min(cfg.train.iterations, self.iteration + stop_after)
+        self._rollout_end = end
         with progress(end - self.iteration, "train") as bar:
             while self.iteration < end:
                 metrics = self.step()
@@ -301,6 +363,7 @@ class Trainer:
                 bar.update(1)
                 if it % cfg.train.checkpoint_every == 0 or it == end:
                     self.save()
+        self.stop_rollouts()
         if main:
             writer.close()
         wall = time.perf_counter() - t_start

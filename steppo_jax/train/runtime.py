@@ -18,8 +18,8 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from steppo_jax import envs, sharding
-from steppo_jax.rollout import (RolloutEngine, RolloutSettings, TrajectoryRecord, bucket_len, packed_batch,
-                               step_rows_batch)
+from steppo_jax.rollout import (RolloutEngine, RolloutSettings, SlotEngine, TrajectoryRecord, bucket_len,
+                               packed_batch, step_rows_batch)
 from steppo_jax.sampling import Sampler, SamplingParams
 from steppo_jax.tokenizer import load_tokenizer
 from steppo_jax.train.config import Config, ConfigError
@@ -88,18 +88,30 @@ class Runtime:
         if jax.process_count() > 1:
             sample_mesh = local_mesh(mesh)
             _check_process_rows(mesh)
+        # with worker processes the pool's threads only wait on them: a few per process
+        threads = cfg.env.workers * (4 if cfg.env.pool == "process" else 1)
         return cls(cfg, mesh, sample_mesh, load_tokenizer(cfg.model.tokenizer_path),
-                   envs.EnvPool(num_workers=8, timeout_s=cfg.env.step_timeout_s))
+                   envs.EnvPool(num_workers=threads, timeout_s=cfg.env.step_timeout_s))
 
     def env_factory(self) -> Callable[[], envs.Environment]:
-        """Builds the configured environment; rollout limits apply unless options override them."""
+        """Builds the configured environment (in this process); rollout limits apply unless
+        options override them. Picklable, for ``rollout_envs``' worker processes."""
         e = self.cfg.env
         options = {"max_steps": e.max_steps, "max_invalid_calls": e.max_invalid_calls, **e.options}
         try:  # fail early, naming the config field, on a bad name or option
             envs.make(e.name, **options)
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError(f"env.name / env.options: {err.args[0] if err.args else err}") from None
-        return lambda: envs.make(e.name, **options)
+        return functools.partial(envs.resolve(e.name), **options)
+
+    @functools.cached_property
+    def rollout_envs(self) -> Callable[[], envs.Environment]:
+        """What the rollout engines build environments with: ``env_factory``, or with
+        ``env.pool: process`` proxies of environments built in ``env.workers`` processes
+        (started on first use)."""
+        if self.cfg.env.pool == "process":
+            return envs.ProcessEnvs(self.env_factory(), self.cfg.env.workers).make
+        return self.env_factory()
 
     @functools.cached_property
     def task_split(self) -> envs.TaskSplit:
@@ -113,9 +125,14 @@ class Runtime:
                                history_window=r.history_window)
 
     def sampler(self, model, batch_size: int, *, greedy: bool = False, first_row: int = 0) -> Sampler:
-        """A sampler on ``sample_mesh`` for rows [first_row, first_row + batch_size) of a batch."""
+        """A sampler on ``sample_mesh`` for rows [first_row, first_row + batch_size) of a batch:
+        that many rows, or ``rollout.slots`` decode slots for the slot engine (rounded up to a
+        multiple of the sample mesh's batch shards)."""
         r = self.cfg.rollout
         sampling = SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, greedy=greedy)
+        if r.engine == "slots" and r.slots:
+            shards = self.sample_mesh.shape["data"] * self.sample_mesh.shape["fsdp"]
+            batch_size = -(-min(r.slots, batch_size) // shards) * shards
         return Sampler(model, batch_size=batch_size, capacity=r.max_context, max_new_tokens=r.max_new_tokens,
                        sampling=sampling, mesh=self.sample_mesh, first_row=first_row,
                        prefill_chunk=r.prefill_chunk)
@@ -140,8 +157,14 @@ class Runtime:
         local = sharding.state_shardings(params, self.sample_mesh, sharding.DECODE_RULES)
         return jax.tree.map(_to_local, on_train, local)
 
-    def engine(self, sampler, make_env=None) -> RolloutEngine:
-        return RolloutEngine(make_env or self.env_factory(), self.tokenizer, sampler, self.settings(), self.pool)
+    def engine(self, sampler, make_env=None, *, synchronous: bool = False) -> RolloutEngine:
+        """The configured engine (``rollout.engine``) around ``sampler``; ``synchronous``: the
+        step-synchronous one whatever the config (a scripted sampler has no ``decode``)."""
+        make_env = make_env or self.rollout_envs
+        if self.cfg.rollout.engine == "slots" and not synchronous:
+            return SlotEngine(make_env, self.tokenizer, sampler, self.settings(), self.pool,
+                              chunk=self.cfg.rollout.decode_chunk)
+        return RolloutEngine(make_env, self.tokenizer, sampler, self.settings(), self.pool)
 
     def layout(self, records: list[TrajectoryRecord], *, seq_len: int | None = None, num_rows: int | None = None,
                num_slots: int | None = None) -> StepBatch:

@@ -42,7 +42,7 @@ def collect_demos(runtime: Runtime, task_ids: list[int], *, noise: float, mistak
         sampler = ScriptedSampler(runtime.tokenizer, len(chunk),
                                   NoisyExpert(envs, noise, seed=cfg.seed + chunk[0], mistake=mistake),
                                   max_new_tokens=cfg.rollout.max_new_tokens)
-        engine = runtime.engine(sampler, factory)
+        engine = runtime.engine(sampler, factory, synchronous=True)
         records += engine.collect([(t, cfg.seed) for t in chunk], 1, jax.random.key(0))
     return [r for r in records if r.failed is None and r.num_steps > 0]
 

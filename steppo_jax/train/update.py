@@ -157,6 +157,16 @@ def behavior_policy(batch: StepBatch, logp_bt, *, algo: AlgoSection):
     return batch, weights, metrics
 
 
+@jax.jit
+def drop_steps(batch: StepBatch, drop_ns: jax.Array) -> jax.Array:
+    """``batch.step_ids`` [B, T] with the tokens of the steps ``drop_ns`` [N, S] (bool) marks
+    set to -1: no longer actions of the update's policy loss, entropy and KL (asynchronous
+    training drops steps sampled by a too old policy this way). Their rewards, values and
+    returns stay in the credit and the value loss."""
+    drop_bt = credit.to_tokens(batch.from_grid(drop_ns.astype(jnp.int32)), batch.step_ids) > 0
+    return jnp.where(drop_bt, -1, batch.step_ids)
+
+
 def loss_terms(logp, ent, values, mb: TrainBatch, models: Models, algo: AlgoSection):
     """Every loss and metric of a minibatch as (sum, denominator), and (ratio_min, ratio_max).
 
