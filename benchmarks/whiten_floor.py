@@ -3,8 +3,8 @@ on the std (``algo.whiten_std_floor``).
 
 The shipped warm start (trained on level 1) plays ``multihop_qa`` level 4 (2-4 hops, 200 names),
 where it almost never succeeds and malformed calls cost nothing (invalid_penalty 0): most batches
-have no reward at all, so step GAE's advantages are only the critic's errors. Whitened to unit std, that noise moves the policy anyway; with the
-floor it stays near the warm start. Both runs share the seed, tasks and everything else; the
+have no reward at all, so step GAE's advantages are only the critic's errors. Whitened to unit
+std, that noise could move the policy anyway; the floor keeps it small. Both runs share the seed, tasks and everything else; the
 script prints, per iteration, the KL to the warm start, the advantage std the loss saw and the
 batch's reward, then the ratio of the final KLs, and writes benchmarks/out/whiten_floor.json.
 

@@ -246,8 +246,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_sharded_training_matches_single_device(tmp_path):
-    # the script sets its own XLA_FLAGS (8 devices, a longer collective timeout) before JAX starts
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="--xla_force_host_platform_device_count=8")
     proc = subprocess.run([sys.executable, "-m", "tests.scripts.sharded_training", str(tmp_path)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -64,7 +64,8 @@ def load_policy_params(path: str, like):
 def batch_stats(batch: StepBatch, logp, values, credit, rewards, *, critic_level: str | None) -> dict:
     """Scalars of an iteration's batch (one program): the largest gap between the sampler's
     and the trainer's log-probs, the reward sum, the real tokens, the advantages' std over the
-    action tokens and the critic's explained variance on the returns it is trained toward. logp, values [B, T]; rewards [N, S]."""
+    action tokens and the critic's explained variance on the returns it is trained toward.
+    logp, values [B, T]; rewards [N, S]."""
     act = batch.action_mask
     n_act = jnp.maximum(jnp.sum(act), 1)
     adv_mean = jnp.sum(jnp.where(act, credit.advantages_bt, 0.0)) / n_act
@@ -255,7 +256,8 @@ class Trainer:
                "policy/ratio_mean": mean("ratio_mean"), "policy/ratio_max": float(np.max([u["ratio_max"] for u in updates])),
                "policy/grad_norm": mean("grad_norm"), "value/loss": mean("value_loss"),
                "skipped_updates": float(np.sum([u["skipped"] for u in updates])),
-               "adv/std": float(diag["adv_std"]), "sampler_logp_gap": float(diag["sampler_logp_gap"]), "rows": float(rows), "seq_len": float(host_batch.seq_len),
+               "adv/std": float(diag["adv_std"]), "sampler_logp_gap": float(diag["sampler_logp_gap"]),
+               "rows": float(rows), "seq_len": float(host_batch.seq_len),
                "time/passes": t2 - t1, "time/update": t3 - t2}
         if "kl_ref" in updates[0]:
             out["policy/kl"] = mean("kl_ref")
