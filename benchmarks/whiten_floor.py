@@ -2,9 +2,9 @@
 on the std (``algo.whiten_std_floor``).
 
 The shipped warm start (trained on level 1) plays ``multihop_qa`` level 4 (2-4 hops, 200 names),
-where it almost never succeeds: most batches have no reward at all, so step GAE's advantages are
-only the critic's errors. Whitened to unit std, that noise moves the policy anyway; with the
-floor it stays near the warm start. Both runs share the seed, tasks and everything else; the
+where it almost never succeeds and malformed calls cost nothing (invalid_penalty 0): most batches
+have no reward at all, so step GAE's advantages are only the critic's errors. Whitened to unit
+std, that noise could move the policy anyway; the floor keeps it small. Both runs share the seed, tasks and everything else; the
 script prints, per iteration, the KL to the warm start, the advantage std the loss saw and the
 batch's reward, then the ratio of the final KLs, and writes benchmarks/out/whiten_floor.json.
 
@@ -28,7 +28,8 @@ from steppo_jax.train.rl import Trainer
 def run(floor: float, args) -> list[dict]:
     run_dir = os.path.join(args.run_root, f"floor{floor}")
     shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = load_config(args.config, ["env.options={difficulty: 4}", "env.max_steps=5", "rollout.max_context=768",
+    cfg = load_config(args.config, ["env.options={difficulty: 4, invalid_penalty: 0.0}", "env.max_steps=5",
+                                    "rollout.max_context=768",
                                     f"algo.whiten_std_floor={floor}", f"run_dir={run_dir}",
                                     f"train.iterations={args.iterations}", f"train.eval_every={args.iterations}",
                                     f"train.checkpoint_every={args.iterations}", "env.eval_tasks=16"])

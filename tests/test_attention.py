@@ -3,18 +3,16 @@ forward and gradients on packed, padded, GQA/MQA rows; the cached path; `resolve
 under an explicit (data, fsdp, tensor) mesh of 8 host CPU devices (own process, so XLA_FLAGS is
 set before JAX starts) equal to one device."""
 
-import os
 import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from steppo_jax.models import attention
+from tests.devices import subprocess_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
@@ -163,9 +161,7 @@ def test_bad_shapes_error():
 
 
 def test_chunked_sharded_equals_single_device():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "JAX_PLATFORMS": "cpu"}
+    env = subprocess_env(8)
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from steppo_jax.train.checkpoint import CheckpointError, CheckpointManager, abstract_like
+from tests.devices import subprocess_env
 
 # After a corrupted restore has raised, orbax's reader threads may still report the failure,
 # at whatever later test the garbage collector runs in.
@@ -214,7 +215,7 @@ print("resharded restore ok")
 
 def test_restore_reshards_across_meshes_on_8_host_devices(tmp_path):
     root = pathlib.Path(__file__).resolve().parent.parent
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(root))
+    env = subprocess_env(8)
     proc = subprocess.run([sys.executable, "-c", _RESHARD, str(tmp_path / "ckpt")], cwd=root, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]

@@ -1,6 +1,5 @@
 """The estimator registry on StepBatches: packed == per-step rows, reference values, no recompiles."""
 
-import functools
 
 import jax
 import jax.numpy as jnp

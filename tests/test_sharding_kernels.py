@@ -1,15 +1,15 @@
 """Estimators and losses sharded over 8 host CPU devices equal the single-device result."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
+from tests.devices import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_kernels_sharded_equal_single_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(ROOT))
+    env = subprocess_env(8)
     proc = subprocess.run([sys.executable, "-m", "tests.scripts.sharded_kernels"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -2,20 +2,17 @@
 checkpoint loading equal single-device results. Runs in a subprocess so XLA_FLAGS is set before
 JAX starts."""
 
-import os
 import subprocess
 import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.devices import subprocess_env
 
 
 @pytest.mark.parametrize("axis_types", ["explicit", "auto"])
 def test_sharded_equals_single_device(axis_types, tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "JAX_PLATFORMS": "cpu"}
+    env = subprocess_env(8)
     proc = subprocess.run([sys.executable, __file__, axis_types, str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

@@ -18,6 +18,7 @@ from steppo_jax.train.sft import run_sft
 from steppo_jax.train.state import build_models
 from steppo_jax.train.metrics import read_metrics
 from steppo_jax.types import BatchError, validate
+from tests.devices import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 if "chain_test" not in registered():
@@ -246,7 +247,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_sharded_training_matches_single_device(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = subprocess_env(8)
     proc = subprocess.run([sys.executable, "-m", "tests.scripts.sharded_training", str(tmp_path)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -1,7 +1,6 @@
 """The update and scoring passes: micro-batched equals whole-minibatch (gradients, metrics,
 scores), and no [B, T, V] logits are ever built."""
 
-import os
 import subprocess
 import sys
 import types
@@ -19,6 +18,7 @@ from steppo_jax.train.config import AlgoSection
 from steppo_jax.train.state import Models, TrainState
 from steppo_jax.train.update import TrainBatch, behavior_policy, loss_terms, make_update, score
 from tests.step_data import packed_batch, random_trajectories
+from tests.devices import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 V, B, T, S = 37, 8, 16, 3
@@ -164,7 +164,7 @@ def test_no_full_logits_in_the_update():
 
 @pytest.mark.slow
 def test_micro_batching_on_sharded_meshes():
-    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = subprocess_env(4)
     proc = subprocess.run([sys.executable, "-m", "tests.scripts.micro_batch_sharded"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

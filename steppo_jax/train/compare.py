@@ -28,6 +28,7 @@ from matplotlib.figure import Figure
 
 from steppo_jax.train.config import Config, ConfigError, config_to_dict, load_config
 from steppo_jax.train.metrics import METRICS_FILE, SUMMARY_FILE, progress, read_metrics
+from steppo_jax.train.storage import write_atomic
 
 METHODS: dict[str, tuple[str, ...]] = {
     # StepPO: step-level GAE with the critic read at step boundaries, step (geometric) ratios
@@ -129,10 +130,8 @@ class Grid:
             saved = os.path.join(cell.run_dir, "config.yaml")
             if os.path.isfile(saved) and _grid_fields(load_config(saved)) != self.fields:
                 raise ConfigError(f"{cell.run_dir} was run with another config than this grid's; choose another --out")
-        os.makedirs(self.out, exist_ok=True)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump({"config": self.config, "overrides": self.overrides, "fields": self.fields}, f, indent=1)
-        os.replace(path + ".tmp", path)
+        write_atomic(path, json.dumps({"config": self.config, "overrides": self.overrides, "fields": self.fields},
+                                      indent=1))
 
     def finished(self, cell: Cell) -> bool:
         path = os.path.join(cell.run_dir, SUMMARY_FILE)
@@ -208,23 +207,22 @@ def cell_result(run_dir: str, threshold: float) -> dict:
     auc = float(np.sum((ys[1:] + ys[:-1]) / 2 * np.diff(xs)) / (xs[-1] - xs[0])) if len(xs) > 1 else float(ys[0])
     reached = next((i for i in iters if curve[i] >= threshold), None)
     train = [r for r in records if "reward/mean" in r]
-    mean_of = lambda key: float(np.mean([r[key] for r in train if key in r])) if any(key in r for r in train) else None  # noqa: E731
-    return {"curve": curve, "final": float(summary["final_success_rate"]), "initial": float(summary["initial_success_rate"]),
+    return {"curve": curve, "final": float(summary["final_success_rate"]),
+            "initial": float(summary["initial_success_rate"]),
             "auc": auc, "iters_to_threshold": reached,
             "reward_last5": float(np.mean([r["reward/mean"] for r in train[-5:]])),
             "wall_s": float(summary["wall_time_s"]),
-            "diagnostics": {k: mean_of(k) for k in ("value/explained_var", "policy/clip_frac", "adv/std",
-                                                    "policy/kl", "policy/entropy", "tokens/action")}}
+            "diagnostics": {k: _mean([r.get(k) for r in train]) for k in (
+                "value/explained_var", "policy/clip_frac", "adv/std", "policy/kl", "policy/entropy", "tokens/action")}}
 
 
 def summarise(grid: Grid, threshold: float = 0.9) -> dict:
     """compare.json, compare.md and compare.png in the grid directory, from the finished cells;
     returns the compare.json object."""
     methods: dict[str, dict] = {}
-    for cell in grid.cells:
-        if grid.finished(cell):
-            methods.setdefault(cell.method, {"overrides": list(METHODS[cell.method]), "seeds": {}})["seeds"][
-                str(cell.seed)] = cell_result(cell.run_dir, threshold)
+    for cell in filter(grid.finished, grid.cells):
+        entry = methods.setdefault(cell.method, {"overrides": list(METHODS[cell.method]), "seeds": {}})
+        entry["seeds"][str(cell.seed)] = cell_result(cell.run_dir, threshold)
     for entry in methods.values():
         runs = list(entry["seeds"].values())
         reached = [r["iters_to_threshold"] for r in runs if r["iters_to_threshold"] is not None]
@@ -238,10 +236,8 @@ def summarise(grid: Grid, threshold: float = 0.9) -> dict:
     result = {"config": grid.config, "overrides": grid.overrides, "threshold": threshold,
               "cells": len(grid.cells), "finished": sum(len(m["seeds"]) for m in methods.values()),
               "methods": methods}
-    with open(os.path.join(grid.out, "compare.json"), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(grid.out, "compare.md"), "w", encoding="utf-8") as f:
-        f.write(table(result))
+    write_atomic(os.path.join(grid.out, "compare.json"), json.dumps(result, indent=1))
+    write_atomic(os.path.join(grid.out, "compare.md"), table(result))
     plot(result, os.path.join(grid.out, "compare.png"),
          title=f"{os.path.basename(os.path.normpath(grid.out))}: {os.path.basename(grid.config)}")
     return result

@@ -65,7 +65,8 @@ def load_policy_params(path: str, like):
 def batch_stats(batch: StepBatch, logp, values, credit, rewards, *, critic_level: str | None) -> dict:
     """Scalars of an iteration's batch (one program): the largest gap between the sampler's
     and the trainer's log-probs, the reward sum, the real tokens, the advantages' std over the
-    action tokens and the critic's explained variance on the returns it is trained toward. logp, values [B, T]; rewards [N, S]."""
+    action tokens and the critic's explained variance on the returns it is trained toward.
+    logp, values [B, T]; rewards [N, S]."""
     act = batch.action_mask
     n_act = jnp.maximum(jnp.sum(act), 1)
     adv_mean = jnp.sum(jnp.where(act, credit.advantages_bt, 0.0)) / n_act

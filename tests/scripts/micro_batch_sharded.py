@@ -3,9 +3,10 @@ sharded meshes (explicit data x fsdp, explicit data x tensor with the vocabulary
 equal the whole-batch ones."""
 
 import os
-import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+from tests.devices import fake_cpu_devices
+
+os.environ.update(fake_cpu_devices(4))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -12,7 +12,6 @@ smaller batch; every task is a different question, so which tasks a process runs
 every metric, not only how many it runs.
 """
 
-import os
 import socket
 import subprocess
 import sys
@@ -20,6 +19,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from tests.devices import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
 KEYS = ("reward/mean", "success/rate", "steps/mean", "tokens/real", "tokens/processed", "seq_len", "policy/loss",
@@ -52,7 +53,7 @@ def train(run_dir: Path, processes: int, *extra: str, iterations: int = ITERATIO
             "env.eval_tasks=8", f"train.iterations={iterations}", "train.checkpoint_every=100",
             "train.eval_every=100"]
     devices = 8 // processes
-    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = subprocess_env(devices)
     if processes > 1:
         env |= {"STEPPO_DISTRIBUTED": "1", "JAX_COORDINATOR_ADDRESS": f"localhost:{free_port()}",
                 "JAX_NUM_PROCESSES": str(processes)}

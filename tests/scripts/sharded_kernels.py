@@ -3,7 +3,9 @@ equals the single-device result. Exits non-zero (with a message) on any mismatch
 
 import os
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+from tests.devices import fake_cpu_devices
+
+os.environ.update(fake_cpu_devices(8))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

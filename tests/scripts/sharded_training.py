@@ -4,7 +4,9 @@ fsdp mesh give the same metrics and parameters as on one device."""
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+from tests.devices import fake_cpu_devices
+
+os.environ.update(fake_cpu_devices(8))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
