@@ -37,6 +37,14 @@ def test_bad_grids_are_one_line_errors_and_overwrite_nothing(tmp_path, capsys):
         Grid(CONFIG, ["step_gae"], [0], str(out), ["train.iterations=4"]).claim()
     assert (out / "grid.json").read_text() == recorded
     Grid(CONFIG, ["step_gae", "grpo"], [0, 1], str(out), ["train.iterations=3"]).claim()  # a grid may grow
+    # a grid recorded before the config had a field: valid while the field keeps its default
+    grid_file = json.loads((out / "grid.json").read_text())
+    assert grid_file["fields"].pop("algo.whiten_std_floor") == 0.0
+    (out / "grid.json").write_text(json.dumps(grid_file))
+    Grid(CONFIG, ["step_gae"], [0], str(out), ["train.iterations=3"]).claim()
+    (out / "grid.json").write_text(json.dumps(grid_file))
+    with pytest.raises(ConfigError, match="algo.whiten_std_floor is 0.0 there, 0.1 here"):
+        Grid(CONFIG, ["step_gae"], [0], str(out), ["train.iterations=3", "algo.whiten_std_floor=0.1"]).claim()
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="holds no grid.json"):

@@ -14,6 +14,7 @@ grid's cells is refused, never overwritten. The summary — ``compare.json``, ``
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -87,6 +88,12 @@ def _grid_fields(cfg: Config) -> dict:
     return json.loads(json.dumps({k: v for k, v in _flat(config_to_dict(cfg)).items() if k not in CELL_FIELDS}))
 
 
+@functools.cache
+def _default_fields() -> dict:
+    """``_grid_fields`` of a config left at every default."""
+    return _grid_fields(load_config(None, []))
+
+
 class Grid:
     """The cells of one comparison and their run directory ``out``."""
 
@@ -119,6 +126,9 @@ class Grid:
                 recorded = json.load(open(path, encoding="utf-8"))["fields"]
             except (ValueError, KeyError, TypeError):
                 raise ConfigError(f"{path} is not a grid file of steppo compare") from None
+            # a field the config gained after the grid was recorded counts as its default there:
+            # cells run before it existed behaved as its default does
+            recorded = {**{k: v for k, v in _default_fields().items() if k in self.fields}, **recorded}
             diff = sorted(k for k in set(recorded) | set(self.fields) if recorded.get(k) != self.fields.get(k))
             if diff:
                 k = diff[0]
