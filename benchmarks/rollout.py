@@ -3,14 +3,17 @@ engine against the slot engine, on environments with a simulated latency; and wh
 must process per trajectory in the packed layout vs per-step rows.
 
     PYTHONPATH=. .venv/bin/python benchmarks/rollout.py [--rounds 2 --depth 3] [--slots 32 --chunk 8]
+        [--decode-rows 0]
         [--end-to-end [--seeds 0 1 2 --iterations 10] [--skip-rollout]]
 
 Both engines roll out the same batches with the shipped warm-start policy (so the demo's
 reply lengths), rounds alternating between the engines so that machine load hits both
 alike: the synchronous engine one batch (its rows) at a time, the slot engine a round's
-``depth`` batches at once on ``slots`` slots (one per trajectory of a batch by default), as
-it runs under asynchronous training, where the next iterations' trajectories queue behind
-the current ones (``--depth 1``: one batch at a time for both). Every environment step first sleeps a log-normal time (median 50 ms, p99 1 s; the
+``depth`` batches at once on ``slots`` slots (one per trajectory of a batch by default),
+decoded ``--decode-rows`` at a time (default: every slot), as it runs under asynchronous
+training, where the next iterations' trajectories queue behind the current ones (``--depth
+1``: one batch at a time for both). ``--slots 96 --decode-rows 32`` holds every trajectory's
+cache (3x the synchronous engine's KV memory) and decodes as many rows as it does. Every environment step first sleeps a log-normal time (median 50 ms, p99 1 s; the
 k-th environment built draws the same times under both engines). Reports per engine
 environment steps/s, generated tokens/s, the time split (sampler, waiting for environments,
 host glue) and the slot utilisation (useful decoded tokens / slot-steps); the ratios are
@@ -142,6 +145,8 @@ def main():
     parser.add_argument("--depth", type=int, default=3,
                         help="batches per round: the slot engine's queue of trajectories (1: one batch at a time)")
     parser.add_argument("--slots", type=int, default=0, help="decode slots of the slot engine (0: one per trajectory)")
+    parser.add_argument("--decode-rows", type=int, default=0,
+                        help="replies the slot engine decodes at once (0: every slot)")
     parser.add_argument("--chunk", type=int, default=8, help="tokens per slot per sampler call")
     parser.add_argument("--median-ms", type=float, default=50.0)
     parser.add_argument("--p99-ms", type=float, default=1000.0)
@@ -173,7 +178,8 @@ def main():
     sync_sampler = rt.sampler(policy, B)
     slot_sampler = Sampler(policy, **{**{f: getattr(sync_sampler, f) for f in ("capacity", "max_new_tokens",
                                                                                "sampling", "prefill_chunk")},
-                                      "batch_size": slots, "mesh": rt.sample_mesh})
+                                      "batch_size": slots, "mesh": rt.sample_mesh,
+                                      "decode_rows": args.decode_rows or None})
     engines = {"sync": RolloutEngine(factory, rt.tokenizer, sync_sampler, rt.settings(), rt.pool),
                "slots": SlotEngine(factory, rt.tokenizer, slot_sampler, rt.settings(), rt.pool, chunk=args.chunk)}
     tasks = TaskBatches(task_split(cfg.env, rt.env_factory()()).train, r.tasks_per_iter, cfg.seed)
@@ -192,7 +198,7 @@ def main():
     result = dict(date=time.strftime("%Y-%m-%d"), machine=platform.machine(), cpus=os.cpu_count(),
                   load_average_before=load, load_average_after=os.getloadavg()[0],
                   env_latency={"median_ms": args.median_ms, "p99_ms": args.p99_ms, "workers": rt.pool.num_workers},
-                  slots=slots, decode_chunk=args.chunk, rounds=args.rounds, depth=args.depth,
+                  slots=slots, decode_rows=slot_sampler.decode_rows, decode_chunk=args.chunk, rounds=args.rounds, depth=args.depth,
                   slot_utilisation=slot["slot_utilisation"], slot_utilisation_sync=sync["slot_utilisation"],
                   env_steps_speedup=slot["env_steps_per_s"] / sync["env_steps_per_s"], engines=runs,
                   reply_tokens={"mean": float(np.mean(replies)), "p50": float(np.median(replies)),

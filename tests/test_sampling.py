@@ -302,3 +302,36 @@ def test_decode_in_chunks_draws_what_one_step_draws(model, chunk):
         new = [[20 + turn, 21], [22], [23, 24, 25]]
     with pytest.raises(ValueError, match="chunk=8"):
         sliced.decode([[1]] * 3, [], keys, [0] * 3, [True] * 3, 8)
+
+
+def test_decode_rows_fewer_than_cache_rows_draw_what_one_step_draws(model):
+    """4 conversations held in the cache, decoded 2 at a time in chunks of 2, round robin (so
+    replies are parked mid-way and resumed from their cache row): two turns equal `step`'s."""
+    hot = SamplingParams(temperature=40.0)
+    whole = Sampler(model, batch_size=4, capacity=96, max_new_tokens=6, sampling=hot)
+    parked = Sampler(model, batch_size=4, capacity=96, max_new_tokens=6, sampling=hot, decode_rows=2)
+    new, stops = [[1, 2, 3], [4, 5], [6], [7, 8]], [[9], [10], [11], [12]]
+    key = jax.random.key(6)
+    for turn in range(2):
+        ref = whole.step(new, stops, jax.random.fold_in(key, turn), reset=turn == 0)
+        keys = reply_keys(key, jnp.full(4, turn), jnp.arange(4))
+        toks, lps, offsets, ended = [[] for _ in range(4)], [[] for _ in range(4)], np.zeros(4, int), np.zeros(4, bool)
+        served = np.zeros(4, int)
+        while not ended.all():
+            pick = sorted(np.flatnonzero(~ended), key=lambda r: served[r])[:2]
+            rows = [(new[r] if offsets[r] == 0 else []) if r in pick else None for r in range(4)]
+            out = parked.decode(rows, stops, keys, offsets, [turn == 0 and o == 0 for o in offsets], 2)
+            for r in pick:
+                toks[r] += out.tokens[r]
+                lps[r] += list(out.logprobs[r])
+                offsets[r] += len(out.tokens[r])
+                ended[r] = out.stopped[r] or offsets[r] >= 6
+                served[r] += 1
+        assert toks == ref.tokens and served.max() >= 2
+        for a, b in zip(lps, ref.logprobs):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+        new = [[20 + turn, 21], [22], [23, 24, 25], [26]]
+    with pytest.raises(ValueError, match="3 active rows, but a call decodes at most decode_rows=2"):
+        parked.decode([[1], [1], [1], None], [], keys, [0] * 4, [True] * 4, 2)
+    with pytest.raises(ValueError, match="decode_rows=5"):
+        Sampler(model, batch_size=4, capacity=96, max_new_tokens=6, decode_rows=5)

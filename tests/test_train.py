@@ -292,10 +292,11 @@ def test_max_staleness_0_reproduces_the_synchronous_loop(tmp_path):
 def test_asynchronous_training_tags_lags_and_drops_stale_steps(tmp_path):
     """max_staleness 1: the next iteration's rollout runs during the update (lag 1, or 0 for
     replies drawn after the new weights arrived); steps of a policy older than the bound
-    leave the policy loss and are counted."""
+    leave the policy loss and are counted (4 slots decoded 2 at a time)."""
     cfg = tiny_config(tmp_path, *SMALL, "rollout.max_staleness=1", "algo.behavior_weight_cap=2",
-                      "rollout.engine=slots", "rollout.slots=4")
+                      "rollout.engine=slots", "rollout.slots=4", "rollout.decode_rows=2")
     trainer = Trainer(cfg, log=lambda _: None)
+    assert (trainer.sampler.batch_size, trainer.sampler.decode_rows) == (4, 2)
     trainer.sampler.set_params(trainer.sampler.params, version=-2)  # iteration 0's steps: lag 2
     first = trainer.step()
     steps = first["steps/mean"] * 8

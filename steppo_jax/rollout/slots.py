@@ -1,15 +1,16 @@
-"""Continuous batching over agent steps: B decode slots serve N trajectories, envs off the critical path.
+"""Continuous batching over agent steps: B cache slots serve N trajectories, envs off the critical path.
 
 Each slot of the sampler is an independent conversation with its own KV region. One sampler
-call (``Sampler.decode``) draws a chunk of at most K tokens for every busy slot; between
-chunks the host retires the replies that ended (each goes to its environment at once, on the
-pool, while decoding goes on) and refills the idle slots with pending work: the next step of
-a trajectory whose environment has answered, in its own slot (a trajectory keeps its slot,
-and so its cache, for its whole episode: only the observation is prefilled), and new
-trajectories, each into an empty slot or one whose trajectory has ended. With more
-trajectories than slots, new ones wait for a slot; a slot whose trajectory waits on its
-environment idles (evicting its cache would cost a re-prefill of the whole stream, which on
-the demo cost more than the idle slot-steps it saved).
+call (``Sampler.decode``) draws a chunk of at most K tokens for up to D busy slots (the
+sampler's ``decode_rows``; D = B by default); between chunks the host retires the replies that
+ended (each goes to its environment at once, on the pool, while decoding goes on) and refills
+the decode rows with pending work: the next step of a trajectory whose environment has
+answered, in its own slot (a trajectory keeps its slot, and so its cache, for its whole
+episode: only the observation is prefilled), and new trajectories, each into an empty slot or
+one whose trajectory has ended. With more trajectories than slots, new ones wait for a slot.
+A slot whose trajectory waits on its environment keeps its cache; with D < B its decode row
+serves another slot meanwhile (the call gathers the D busy slots out of the cache), so more
+slots than decode rows keep every row busy, at the memory of B caches.
 
 A reply is drawn with the key of its (step, trajectory) (``sampling.reply_keys``), the key
 the step-synchronous ``RolloutEngine`` gives it, so where a slot runs a reply and how it is
@@ -34,8 +35,9 @@ from steppo_jax.sampling import reply_keys
 
 
 class SlotEngine(RolloutEngine):
-    """``RolloutEngine``'s episodes, decoded on ``sampler.batch_size`` slots in chunks of ``chunk``
-    tokens; any number of trajectories per ``collect``."""
+    """``RolloutEngine``'s episodes, held in ``sampler.batch_size`` slots and decoded
+    ``sampler.decode_rows`` at a time in chunks of ``chunk`` tokens; any number of
+    trajectories per ``collect``."""
 
     def __init__(self, make_env, tokenizer, sampler, settings, pool, *, chunk: int):
         super().__init__(make_env, tokenizer, sampler, settings, pool)
@@ -52,6 +54,7 @@ class SlotEngine(RolloutEngine):
         envs, records, new, opening = self._start(tasks, group_size, timings)
         t0 = time.perf_counter()
         N, B, K = len(records), self.sampler.batch_size, self.chunk
+        D = self.sampler.decode_rows  # replies decoded at once (B: every slot)
         rebuild = self.settings.history_window is not None
         home = np.full(N, -1)  # the slot holding trajectory i's cache
         owner = np.full(B, -1)  # the trajectory whose cache slot b holds
@@ -76,10 +79,12 @@ class SlotEngine(RolloutEngine):
                 if rec.live and (not rebuild or self._rebuild(rec, opening[i], new, i)):
                     ready.append(i)
             for i in [i for i in ready if home[i] >= 0]:  # a trajectory keeps its slot (and cache)
+                if (busy >= 0).sum() >= D:
+                    break
                 b = home[i]
                 busy[b], start[b], reset[b], offsets[b] = i, new[i], rebuild, 0
                 ready.remove(i)
-            while ready and (b := self._free_slot(owner, busy, records)) is not None:  # new ones
+            while ready and (busy >= 0).sum() < D and (b := self._free_slot(owner, busy, records)) is not None:
                 i = ready.popleft()
                 owner[b], home[i], busy[b], start[b], offsets[b], reset[b] = i, b, i, new[i], 0, True
             timings.glue_s += time.perf_counter() - t0
@@ -97,7 +102,7 @@ class SlotEngine(RolloutEngine):
             out = self.sampler.decode([None if busy[b] < 0 else (start[b] if offsets[b] == 0 else [])
                                        for b in range(B)], self.codec.stop_ids, keys, offsets, reset, K)
             timings.sampler_s += time.perf_counter() - t0
-            timings.count_call(out.tokens, B)
+            timings.count_call(out.tokens, D)
             t0 = time.perf_counter()
             for b in np.flatnonzero(busy >= 0):
                 if offsets[b] == 0:

@@ -71,7 +71,10 @@ class Sampler:
     `decode` serves the slot engine (`steppo_jax.rollout.SlotEngine`): each row is a slot,
     each call draws at most `chunk` tokens of every active slot's reply, with the slot's own
     reply key, so a reply cut into chunks is the one `step` draws; only the slots starting a
-    reply are prefilled (`steppo_jax.sampling.slots`).
+    reply are prefilled (`steppo_jax.sampling.slots`). With `decode_rows` < `batch_size`
+    the cache holds more conversations than a call decodes: a call's at most `decode_rows`
+    active rows are gathered out of the cache and written back (a decode costs `decode_rows`
+    rows, whatever the cache holds).
 
     Row b samples with the key `fold_in(key, first_row + b)`: a sampler holding rows
     [first_row, first_row + B) of a larger batch (one process's share) draws exactly what one
@@ -80,7 +83,11 @@ class Sampler:
 
     def __init__(self, model, *, batch_size: int, capacity: int, max_new_tokens: int,
                  sampling: SamplingParams = SamplingParams(), max_stop_ids: int = 8,
-                 mesh: jax.sharding.Mesh | None = None, first_row: int = 0, prefill_chunk: int = 1024):
+                 mesh: jax.sharding.Mesh | None = None, first_row: int = 0, prefill_chunk: int = 1024,
+                 decode_rows: int | None = None):
+        if decode_rows is not None and not 1 <= decode_rows <= batch_size:
+            raise ValueError(f"decode_rows={decode_rows} must be in [1, batch_size={batch_size}]")
+        self.decode_rows = batch_size if decode_rows is None else decode_rows
         self.graphdef, params = nnx.split(model)
         self._weights = (params, 0)  # (params, policy version): swapped together, read together
         self.prefill_chunk = prefill_chunk
@@ -187,6 +194,8 @@ class Sampler:
             raise ValueError(f"expected {b} rows of new tokens, got {len(new_tokens)}")
         offsets = np.asarray(offsets, np.int32)
         active = np.array([t is not None for t in new_tokens])
+        if active.sum() > self.decode_rows:
+            raise ValueError(f"{active.sum()} active rows, but a call decodes at most decode_rows={self.decode_rows}")
         starting = active & (offsets == 0)
         lens = np.array([len(t) if t is not None else 0 for t in new_tokens])
         lengths = np.where(starting & np.asarray(reset, bool), 0, self._lengths)
@@ -215,15 +224,22 @@ class Sampler:
             budget = np.where(active & ~stopped, np.minimum(chunk, self.max_new_tokens - offsets) - drawn, 0)
             if budget.max() > 0:
                 reach = int(np.max(np.where(budget > 0, lengths + lens + drawn + budget, 1)))
+                busy = np.flatnonzero(budget > 0)
+                if self.decode_rows == b:  # slot p is cache row p
+                    rows, gather = np.arange(b), None
+                else:  # the busy rows first, then other distinct rows as padding
+                    rows = np.concatenate([busy, np.setdiff1d(np.arange(b), busy)])[:self.decode_rows]
+                    gather = jnp.asarray(rows)
                 self.state, out = jit_decode_slots(
-                    self.graphdef, params, self.state, jnp.asarray(budget > 0), stops, keys,
-                    jnp.asarray(offsets + drawn), jnp.asarray(budget, jnp.int32), chunk=chunk, sampling=self.sampling,
-                    span=min(self.capacity, bucket(reach, 128)))
+                    self.graphdef, params, self.state, jnp.asarray(budget[rows] > 0), stops[rows], keys[rows],
+                    jnp.asarray((offsets + drawn)[rows]), jnp.asarray(budget[rows], jnp.int32), gather, chunk=chunk,
+                    sampling=self.sampling, span=min(self.capacity, bucket(reach, 128)))
                 more, lp, n, stop = jax.device_get(tuple(out))
-                for r in np.flatnonzero(budget > 0):
-                    tokens[r] = tokens[r] + more[r, :n[r]].tolist()
-                    logprobs[r] = np.concatenate([logprobs[r], lp[r, :n[r]]])
-                    stopped[r] = bool(stop[r])
+                for p, r in enumerate(rows):
+                    if budget[r] > 0:
+                        tokens[r] = tokens[r] + more[p, :n[p]].tolist()
+                        logprobs[r] = np.concatenate([logprobs[r], lp[p, :n[p]]])
+                        stopped[r] = bool(stop[p])
         self._lengths = np.where(active, lengths + lens + np.array([len(t) for t in tokens]), self._lengths)
         return StepOutput(tokens=tokens, logprobs=logprobs, stopped=stopped, version=version)
 

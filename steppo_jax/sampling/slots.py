@@ -36,6 +36,25 @@ def _is_stop(tok: jax.Array, stop_ids: jax.Array) -> jax.Array:
     return jnp.any(tok[:, None] == stop_ids, axis=1)
 
 
+def _take_rows(state: DecodeState, rows: jax.Array) -> DecodeState:
+    """The cache rows ``rows`` [P] of ``state`` (a gather, sharded over the batch)."""
+    return DecodeState(jax.tree.map(lambda x: take_rows(x, rows, KV_NAMES), state.kv),
+                       *(take_rows(x, rows, ("batch",)) for x in (state.lengths, state.pending, state.has_pending)))
+
+
+def _put_rows(state: DecodeState, rows: jax.Array, part: DecodeState) -> DecodeState:
+    """``state`` with its distinct cache rows ``rows`` [P] replaced by ``part``."""
+    def put(full, x, names=(None,)):  # under a mesh, scatter wants the update unsharded over
+        # rows and the output's sharding (the cache's) named
+        if jax.sharding.get_abstract_mesh().empty:
+            return full.at[rows].set(x)
+        return full.at[rows].set(constrain(x, names), out_sharding=jax.typeof(full).sharding.spec)
+
+    return DecodeState(jax.tree.map(lambda f, x: put(f, x, (None,) + KV_NAMES[1:]), state.kv, part.kv),
+                       *(put(f, x) for f, x in zip((state.lengths, state.pending, state.has_pending),
+                                                   (part.lengths, part.pending, part.has_pending))))
+
+
 def prefill_slots(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, rows: jax.Array,
                   starting: jax.Array, new_tokens: jax.Array, new_lens: jax.Array, reset: jax.Array,
                   stop_ids: jax.Array, keys: jax.Array, *, sampling: SamplingParams = SamplingParams(),
@@ -54,9 +73,8 @@ def prefill_slots(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState,
     model = nnx.merge(graphdef, params)
     new_tokens, stop_ids = (constrain(x, ("batch", None)) for x in (new_tokens, stop_ids))
     starting, new_lens, reset, keys = (constrain(x, ("batch",)) for x in (starting, new_lens, reset, keys))
-    kv = jax.tree.map(lambda x: take_rows(x, rows, KV_NAMES), state.kv)
-    old_lengths, old_pending, old_has = (take_rows(x, rows, ("batch",)) for x in
-                                         (state.lengths, state.pending, state.has_pending))
+    part = _take_rows(state, rows)
+    kv, old_lengths, old_pending, old_has = part.kv, part.lengths, part.pending, part.has_pending
     lengths = jnp.where(reset, 0, old_lengths)
     has_pending = old_has & ~reset
     pending = old_pending
@@ -65,27 +83,17 @@ def prefill_slots(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState,
     count = jnp.where(starting, new_lens + has_pending.astype(jnp.int32), 0)
     last, kv = _prefill(model, tokens, lengths, count, kv, None, prefill_chunk)
     tok, logp = select_tokens(model.logits(last), _token_keys(keys, jnp.zeros_like(new_lens)), sampling)
-    def put(full, part, names=(None,)):  # rows are distinct; under a mesh, scatter wants the
-        # update unsharded over rows and the output's sharding (the cache's) named
-        if jax.sharding.get_abstract_mesh().empty:
-            return full.at[rows].set(part)
-        return full.at[rows].set(constrain(part, names), out_sharding=jax.typeof(full).sharding.spec)
-
-    new_state = DecodeState(
-        kv=jax.tree.map(lambda f, p: put(f, p, (None,) + KV_NAMES[1:]), state.kv, kv),
-        lengths=put(state.lengths, jnp.where(starting, lengths + count, old_lengths)),
-        pending=put(state.pending, jnp.where(starting, tok, pending)),
-        has_pending=put(state.has_pending, starting | old_has),
-    )
+    new_state = _put_rows(state, rows, DecodeState(kv, jnp.where(starting, lengths + count, old_lengths),
+                                                    jnp.where(starting, tok, pending), starting | old_has))
     first = Generation(jnp.where(starting, tok, 0)[:, None], jnp.where(starting, logp, 0.0)[:, None],
                        starting.astype(jnp.int32), starting & _is_stop(tok, stop_ids))
     return new_state, first
 
 
 def decode_slots(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, busy: jax.Array,
-                 stop_ids: jax.Array, keys: jax.Array, offsets: jax.Array, budget: jax.Array, *, chunk: int,
-                 sampling: SamplingParams = SamplingParams(), span: int | None = None
-                 ) -> tuple[DecodeState, Generation]:
+                 stop_ids: jax.Array, keys: jax.Array, offsets: jax.Array, budget: jax.Array,
+                 rows: jax.Array | None = None, *, chunk: int, sampling: SamplingParams = SamplingParams(),
+                 span: int | None = None) -> tuple[DecodeState, Generation]:
     """Up to ``chunk`` (static) more tokens of the reply in each ``busy`` [B] slot.
 
     A busy slot has a pending token (its reply's last one) and ``offsets`` [B] tokens of its
@@ -93,8 +101,16 @@ def decode_slots(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, 
     reply's token offsets[b] + j (key fold_in(keys[b], offsets[b] + j)), and stops early on
     one of its stop_ids [B, S]. Other slots change nothing.
 
+    ``rows`` [B] (distinct cache rows, optional): the slots are these rows of a larger cache,
+    gathered before the chunk and written back after it, so a cache can hold more
+    conversations than a call decodes; None: slot b is cache row b.
+
     Returns (new state, Generation: tokens, logprobs [B, chunk]; lengths [B] drawn; stopped [B]).
     """
+    if rows is not None:
+        part, out = decode_slots(graphdef, params, _take_rows(state, rows), busy, stop_ids, keys, offsets, budget,
+                                 chunk=chunk, sampling=sampling, span=span)
+        return _put_rows(state, rows, part), out
     model = nnx.merge(graphdef, params)
     busy, offsets, budget, keys = (constrain(x, ("batch",)) for x in (busy, offsets, budget, keys))
     stop_ids = constrain(stop_ids, ("batch", None))

@@ -168,9 +168,14 @@ class RolloutSection:
     (counted in ``rollout/dropped_stale``). One process only; a resumed run restarts the
     rollouts in flight."""
     slots: int = 0
-    """``slots``: decode slots (each with its own KV cache of ``max_context`` tokens); 0 = one
-    per trajectory of the batch. Fewer slots than trajectories keep them busy while
-    environments answer (a trajectory that lost its slot re-prefills its stream)."""
+    """``slots``: slots of the sampler, each holding one trajectory's KV cache of
+    ``max_context`` tokens for its episode; 0 = one per trajectory of the batch. With fewer
+    slots than trajectories, new trajectories wait for a slot whose episode has ended."""
+    decode_rows: int = 0
+    """``slots``: replies decoded at once (each sampler call gathers its busy slots' caches
+    into these rows and writes them back); 0 = every slot. Fewer rows than slots keep the
+    rows busy while trajectories wait on their environments, their caches parked in their
+    slots; a call costs ``decode_rows`` rows."""
 
 
 @dataclass(frozen=True)
@@ -406,7 +411,7 @@ _AT_LEAST_ONE = (
     "sft.batch_size", "sft.num_demos", "mesh.fsdp", "mesh.tensor",
 )
 _NON_NEGATIVE = (
-    "seed", "env.max_invalid_calls", "rollout.top_k", "rollout.slots", "rollout.max_staleness", "algo.step_weight",
+    "seed", "env.max_invalid_calls", "rollout.top_k", "rollout.slots", "rollout.decode_rows", "rollout.max_staleness", "algo.step_weight",
     "algo.whiten_std_floor",
     "algo.value_coef", "algo.entropy_coef", "algo.kl_coef", "optim.warmup_steps", "optim.micro_batch_rows",
     "optim.weight_decay", "train.iterations", "sft.steps", "sft.seed_offset",
@@ -450,6 +455,8 @@ def _rules(cfg: Config):
            "must be smaller than rollout.max_context")
     yield ("rollout.decode_chunk", r.decode_chunk > r.max_new_tokens,
            f"must be <= rollout.max_new_tokens ({r.max_new_tokens}): a chunk draws at most one reply's tokens")
+    yield ("rollout.decode_rows", r.slots and r.decode_rows > r.slots,
+           f"must be <= rollout.slots ({r.slots}): a call decodes at most every slot")
     yield ("rollout.max_staleness", r.max_staleness > 0 and not a.behavior_weight_cap,
            "needs algo.behavior_weight_cap >= 1 (the capped step-level importance weight of off-policy steps)")
     yield ("rollout.layout", a.estimator == "token_gae" and r.layout != "packed",

@@ -126,16 +126,21 @@ class Runtime:
 
     def sampler(self, model, batch_size: int, *, greedy: bool = False, first_row: int = 0) -> Sampler:
         """A sampler on ``sample_mesh`` for rows [first_row, first_row + batch_size) of a batch:
-        that many rows, or ``rollout.slots`` decode slots for the slot engine (rounded up to a
-        multiple of the sample mesh's batch shards)."""
+        that many rows, or for the slot engine ``rollout.slots`` slots decoded
+        ``rollout.decode_rows`` at a time (each rounded up to a multiple of the sample mesh's
+        batch shards)."""
         r = self.cfg.rollout
         sampling = SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, greedy=greedy)
-        if r.engine == "slots" and r.slots:
+        decode_rows = None
+        if r.engine == "slots":
             shards = self.sample_mesh.shape["data"] * self.sample_mesh.shape["fsdp"]
-            batch_size = -(-min(r.slots, batch_size) // shards) * shards
+            if r.slots:
+                batch_size = -(-min(r.slots, batch_size) // shards) * shards
+            if r.decode_rows:
+                decode_rows = -(-min(r.decode_rows, batch_size) // shards) * shards
         return Sampler(model, batch_size=batch_size, capacity=r.max_context, max_new_tokens=r.max_new_tokens,
                        sampling=sampling, mesh=self.sample_mesh, first_row=first_row,
-                       prefill_chunk=r.prefill_chunk)
+                       prefill_chunk=r.prefill_chunk, decode_rows=decode_rows)
 
     def to_sample_mesh(self, params):
         """The sampler's copy of policy ``params`` (train mesh): in the compute dtype, laid out
