@@ -29,7 +29,7 @@ def _main(axis_types: str, tmp: str) -> None:
     from steppo_jax import sharding
     from steppo_jax.models import (Decoder, ModelConfig, create_sharded, load_hf_checkpoint,
                                    save_hf_checkpoint, token_logprobs)
-    from steppo_jax.sampling import Sampler, SamplingParams
+    from steppo_jax.sampling import Sampler, SamplingParams, reply_keys
 
     assert jax.device_count() == 8
     cfg = ModelConfig(model_type="qwen2", vocab_size=128, d_model=32, n_layers=2, n_heads=4,
@@ -83,6 +83,21 @@ def _main(axis_types: str, tmp: str) -> None:
             assert a.tokens == b.tokens, (a.tokens, b.tokens)
             for x, y in zip(a.logprobs, b.logprobs):
                 np.testing.assert_allclose(x, y, atol=1e-5)
+
+    # slot decoding with parked caches: 8 conversations decoded 4 per call (rows gathered out
+    # of the cache and written back), the first 4 resumed after the others ran
+    keys = reply_keys(jax.random.key(2), jnp.zeros(8, jnp.int32), jnp.arange(8))
+    outs = []
+    for m, mh in ((model, mesh), (ref, None)):
+        s = Sampler(m, batch_size=8, capacity=64, max_new_tokens=6, sampling=SamplingParams(greedy=True),
+                    mesh=mh, decode_rows=4)
+        drawn = []
+        for rows, offset in ((range(4), 0), (range(4, 8), 0), (range(4), 3)):
+            new = [(prompts[r % 4] if offset == 0 else []) if r in rows else None for r in range(8)]
+            out = s.decode(new, [], keys, [offset if r in rows else 0 for r in range(8)], [offset == 0] * 8, 3)
+            drawn.append(out.tokens)
+        outs.append(drawn)
+    assert outs[0] == outs[1] and sum(len(t) for t in outs[0][2]) > 0, outs
 
     # loading a checkpoint straight into shards
     save_hf_checkpoint(ref, tmp)
