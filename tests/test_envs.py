@@ -104,6 +104,17 @@ def test_multihop_easiest_level_is_short():
     assert max(hard.reset(t, 0).info["hops"] for t in range(50)) == 4
 
 
+def test_multihop_hop_range_option():
+    """1-3 hops on level 1's small name pool: every count occurs, the expert solves every task
+    in hops + 1 steps, and max_steps follows the range."""
+    env = make("multihop_qa", difficulty=1, min_hops=1, max_hops=3)
+    hops = [env.reset(t, 0).info["hops"] for t in range(60)]
+    assert set(hops) == {1, 2, 3} and env.max_steps == 6
+    for t in range(20):
+        _, steps = run_episode(env, t, 0)
+        assert steps[-1][1].info["success"] and len(steps) == hops[t] + 1
+
+
 def test_multihop_search_finds_the_fact_and_unknown_words_find_nothing():
     env = make("multihop_qa", difficulty=1)
     env.reset(2, 0)
@@ -250,7 +261,9 @@ def test_sokoban_expert_replans_after_a_detour():
 @pytest.mark.parametrize("name, bad", [("multihop_qa", {"difficulty": 9}),
                                        ("sokoban", {"difficulty": 0}),
                                        ("calculator", {"difficulty": "hard"}),
-                                       ("multihop_qa", {"top_k": 0})])
+                                       ("multihop_qa", {"top_k": 0}),
+                                       ("multihop_qa", {"max_hops": 5}),
+                                       ("multihop_qa", {"min_hops": 3, "max_hops": 2})])
 def test_bad_options_are_rejected_with_the_field_name(name, bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         make(name, **bad)

@@ -140,20 +140,28 @@ def _retrievable(world: World, index: BM25Index) -> bool:
 class MultihopQAEnv(ToolEnv):
     """Generated multi-hop QA with BM25 ``search`` and an ``answer`` tool.
 
-    Options: difficulty (1–4), top_k (passages per search; default from the level), max_steps
-    (default: the level's max hops + 3), plus the ``ToolEnv`` options; a final answer without a tool call
-    (``allow_final_answer``) is the reply's last line.
+    Options: difficulty (1–4), top_k (passages per search; default from the level), min_hops
+    and max_hops (the range of question hops; default from the level, e.g. 1–3 hops on level
+    1's small name pool), max_steps (default: the max hops + 3), plus the ``ToolEnv`` options;
+    a final answer without a tool call (``allow_final_answer``) is the reply's last line.
     """
 
     name = "multihop_qa"
 
-    def __init__(self, *, difficulty: int = 1, top_k: int | None = None,
-                 max_steps: int | None = None, invalid_penalty: float = 0.1,
+    def __init__(self, *, difficulty: int = 1, top_k: int | None = None, min_hops: int | None = None,
+                 max_hops: int | None = None, max_steps: int | None = None, invalid_penalty: float = 0.1,
                  max_invalid_calls: int = 3, max_reply_chars: int = 2000,
                  allow_final_answer: bool = False):
         if difficulty not in LEVELS:
             raise ValueError(f"difficulty must be one of {sorted(LEVELS)}, got {difficulty!r}")
-        self.level = LEVELS[difficulty]
+        level = LEVELS[difficulty]
+        lo = level.min_hops if min_hops is None else min_hops
+        hi = level.max_hops if max_hops is None else max_hops
+        most = min(level.num_entities - 1, level.num_relations)  # a chain visits distinct entities
+        if not 1 <= lo <= hi <= most:
+            raise ValueError(f"hops must satisfy 1 <= min_hops <= max_hops <= {most} at difficulty {difficulty}, "
+                             f"got min_hops={lo}, max_hops={hi}")
+        self.level = dataclasses.replace(level, min_hops=lo, max_hops=hi)
         self.difficulty = difficulty
         self.top_k = self.level.top_k if top_k is None else top_k
         if self.top_k < 1:
