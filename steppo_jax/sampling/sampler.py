@@ -226,13 +226,13 @@ class Sampler:
                 reach = int(np.max(np.where(budget > 0, lengths + lens + drawn + budget, 1)))
                 busy = np.flatnonzero(budget > 0)
                 if self.decode_rows == b:  # slot p is cache row p
-                    rows, gather = np.arange(b), None
+                    rows, gather, pick = np.arange(b), None, lambda x: x
                 else:  # the busy rows first, then other distinct rows as padding
                     rows = np.concatenate([busy, np.setdiff1d(np.arange(b), busy)])[:self.decode_rows]
-                    gather = jnp.asarray(rows)
+                    gather, pick = jnp.asarray(rows), lambda x: x[rows]
                 self.state, out = jit_decode_slots(
-                    self.graphdef, params, self.state, jnp.asarray(budget[rows] > 0), stops[rows], keys[rows],
-                    jnp.asarray((offsets + drawn)[rows]), jnp.asarray(budget[rows], jnp.int32), gather, chunk=chunk,
+                    self.graphdef, params, self.state, jnp.asarray(pick(budget) > 0), pick(stops), pick(keys),
+                    jnp.asarray(pick(offsets + drawn)), jnp.asarray(pick(budget), jnp.int32), gather, chunk=chunk,
                     sampling=self.sampling, span=min(self.capacity, bucket(reach, 128)))
                 more, lp, n, stop = jax.device_get(tuple(out))
                 for p, r in enumerate(rows):
