@@ -13,7 +13,8 @@ alike: the synchronous engine one batch (its rows) at a time, the slot engine a 
 decoded ``--decode-rows`` at a time (default: every slot), as it runs under asynchronous
 training, where the next iterations' trajectories queue behind the current ones (``--depth
 1``: one batch at a time for both). ``--slots 96 --decode-rows 32`` holds every trajectory's
-cache (3x the synchronous engine's KV memory) and decodes as many rows as it does. Every environment step first sleeps a log-normal time (median 50 ms, p99 1 s; the
+cache (3x the synchronous engine's KV memory) and decodes as many rows as it does. Every
+environment step first sleeps a log-normal time (median 50 ms, p99 1 s; the
 k-th environment built draws the same times under both engines). Reports per engine
 environment steps/s, generated tokens/s, the time split (sampler, waiting for environments,
 host glue) and the slot utilisation (useful decoded tokens / slot-steps); the ratios are
@@ -198,7 +199,8 @@ def main():
     result = dict(date=time.strftime("%Y-%m-%d"), machine=platform.machine(), cpus=os.cpu_count(),
                   load_average_before=load, load_average_after=os.getloadavg()[0],
                   env_latency={"median_ms": args.median_ms, "p99_ms": args.p99_ms, "workers": rt.pool.num_workers},
-                  slots=slots, decode_rows=slot_sampler.decode_rows, decode_chunk=args.chunk, rounds=args.rounds, depth=args.depth,
+                  slots=slots, decode_rows=slot_sampler.decode_rows, decode_chunk=args.chunk, rounds=args.rounds,
+                  depth=args.depth,
                   slot_utilisation=slot["slot_utilisation"], slot_utilisation_sync=sync["slot_utilisation"],
                   env_steps_speedup=slot["env_steps_per_s"] / sync["env_steps_per_s"], engines=runs,
                   reply_tokens={"mean": float(np.mean(replies)), "p50": float(np.median(replies)),

@@ -78,13 +78,14 @@ class SlotEngine(RolloutEngine):
                 self._advance(rec, waiting.pop(i).result(), bool(closed[i]), rec.num_steps, new, i)
                 if rec.live and (not rebuild or self._rebuild(rec, opening[i], new, i)):
                     ready.append(i)
-            for i in [i for i in ready if home[i] >= 0]:  # a trajectory keeps its slot (and cache)
-                if (busy >= 0).sum() >= D:
-                    break
+            room = D - int(np.sum(busy >= 0))  # decode rows free for this chunk
+            for i in [i for i in ready if home[i] >= 0][:room]:  # a trajectory keeps its slot (and cache)
                 b = home[i]
                 busy[b], start[b], reset[b], offsets[b] = i, new[i], rebuild, 0
                 ready.remove(i)
-            while ready and (busy >= 0).sum() < D and (b := self._free_slot(owner, busy, records)) is not None:
+                room -= 1
+            while ready and room > 0 and (b := self._free_slot(owner, busy, records)) is not None:
+                room -= 1
                 i = ready.popleft()
                 owner[b], home[i], busy[b], start[b], offsets[b], reset[b] = i, b, i, new[i], 0, True
             timings.glue_s += time.perf_counter() - t0

@@ -411,7 +411,8 @@ _AT_LEAST_ONE = (
     "sft.batch_size", "sft.num_demos", "mesh.fsdp", "mesh.tensor",
 )
 _NON_NEGATIVE = (
-    "seed", "env.max_invalid_calls", "rollout.top_k", "rollout.slots", "rollout.decode_rows", "rollout.max_staleness", "algo.step_weight",
+    "seed", "env.max_invalid_calls", "rollout.top_k", "rollout.slots", "rollout.decode_rows", "rollout.max_staleness",
+    "algo.step_weight",
     "algo.whiten_std_floor",
     "algo.value_coef", "algo.entropy_coef", "algo.kl_coef", "optim.warmup_steps", "optim.micro_batch_rows",
     "optim.weight_decay", "train.iterations", "sft.steps", "sft.seed_offset",

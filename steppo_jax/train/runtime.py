@@ -134,10 +134,9 @@ class Runtime:
         decode_rows = None
         if r.engine == "slots":
             shards = self.sample_mesh.shape["data"] * self.sample_mesh.shape["fsdp"]
-            if r.slots:
-                batch_size = -(-min(r.slots, batch_size) // shards) * shards
-            if r.decode_rows:
-                decode_rows = -(-min(r.decode_rows, batch_size) // shards) * shards
+            fit = lambda n: -(-min(n, batch_size) // shards) * shards  # noqa: E731
+            batch_size = fit(r.slots) if r.slots else batch_size
+            decode_rows = fit(r.decode_rows) if r.decode_rows else None
         return Sampler(model, batch_size=batch_size, capacity=r.max_context, max_new_tokens=r.max_new_tokens,
                        sampling=sampling, mesh=self.sample_mesh, first_row=first_row,
                        prefill_chunk=r.prefill_chunk, decode_rows=decode_rows)
