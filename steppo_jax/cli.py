@@ -55,6 +55,7 @@ def is_user_error(err: BaseException) -> bool:
 
 def cmd_sft(args) -> dict:
     from steppo_jax.train.checkpoint import CheckpointManager
+    from steppo_jax.train.rl import load_policy_params
     from steppo_jax.train.runtime import Runtime
     from steppo_jax.train.sft import run_sft
     from steppo_jax.train.state import build_models
@@ -62,6 +63,8 @@ def cmd_sft(args) -> dict:
     cfg = _config(args)
     rt = Runtime.create(cfg)
     models, params = build_models(cfg, len(rt.tokenizer), rt.mesh)
+    if cfg.sft.init:
+        params["policy"] = load_policy_params(cfg.sft.init, params["policy"])
     policy, stats = run_sft(rt, models, params["policy"])
     path = os.path.join(cfg.run_dir, "sft")
     with CheckpointManager(path, keep=1) as manager:

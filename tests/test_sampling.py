@@ -289,6 +289,7 @@ def test_decode_in_chunks_draws_what_one_step_draws(model, chunk):
         while not ended.all():
             rows = [None if ended[r] else (new[r] if offsets[r] == 0 else []) for r in range(3)]
             out = sliced.decode(rows, stops, keys, offsets, [turn == 0 and o == 0 for o in offsets], chunk)
+            assert out.rows <= (~ended).sum()  # only busy rows decode
             for r in np.flatnonzero(~ended):
                 toks[r] += out.tokens[r]
                 lps[r] += list(out.logprobs[r])
@@ -302,6 +303,23 @@ def test_decode_in_chunks_draws_what_one_step_draws(model, chunk):
         new = [[20 + turn, 21], [22], [23, 24, 25]]
     with pytest.raises(ValueError, match="chunk=8"):
         sliced.decode([[1]] * 3, [], keys, [0] * 3, [True] * 3, 8)
+
+
+def test_decode_runs_only_the_busy_rows(model):
+    """With 3, then 1, of 8 slots busy, a call decodes 4, then 2 rows (busy slots rounded up to
+    a quarter of decode_rows, gathered out of the cache) and draws what `step` draws."""
+    hot = SamplingParams(temperature=40.0)
+    whole = Sampler(model, batch_size=8, capacity=64, max_new_tokens=4, sampling=hot)
+    slots = Sampler(model, batch_size=8, capacity=64, max_new_tokens=4, sampling=hot)
+    key = jax.random.key(7)
+    turns = [[[1, 2], [3], [4, 5, 6]] + [None] * 5, [None, [7, 8]] + [None] * 6]
+    for turn, (new, rows) in enumerate(zip(turns, (4, 2))):
+        ref = whole.step(new, [], jax.random.fold_in(key, turn), reset=turn == 0)
+        keys = reply_keys(key, jnp.full(8, turn), jnp.arange(8))
+        out = slots.decode(new, [], keys, [0] * 8, [turn == 0] * 8, 4)
+        assert out.rows == rows and out.tokens == ref.tokens
+        for a, b in zip(out.logprobs, ref.logprobs):
+            np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_decode_rows_fewer_than_cache_rows_draw_what_one_step_draws(model):

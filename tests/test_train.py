@@ -310,3 +310,23 @@ def test_asynchronous_training_tags_lags_and_drops_stale_steps(tmp_path):
     assert 0 < third["behavior/weight_mean"] <= 2 and third["policy/entropy"] > 0
     trainer.stop_rollouts()
     assert not trainer._rollouts
+
+
+def test_sft_continues_from_a_checkpoint(tmp_path, capsys):
+    """``sft.init`` starts SFT from a checkpoint's policy: at a vanishing learning rate the
+    result is that policy, not the fresh initialisation; a missing one is a one-line error."""
+    from argparse import Namespace
+
+    from steppo_jax import cli
+
+    def sft(run, *extra):
+        overrides = [*TINY, "env.options={}", f"run_dir={tmp_path / run}", "sft.steps=3", "sft.num_demos=8", "sft.batch_size=4", *extra]
+        return leaves(cli.cmd_sft(Namespace(config=None, run_dir=None, overrides=overrides))["policy"])
+
+    first = sft("a")
+    fresh = sft("b", "sft.lr=1e-30")
+    continued = sft("c", f"sft.init={tmp_path / 'a' / 'sft'}", "sft.lr=1e-30")
+    assert all(np.allclose(x, y, rtol=0, atol=1e-20) for x, y in zip(first, continued))
+    assert max(np.abs(x - y).max() for x, y in zip(first, fresh)) > 1e-4
+    assert cli.main(["sft", *TINY, "env.options={}", f"run_dir={tmp_path / 'd'}", f"sft.init={tmp_path / 'nothing'}"]) == 2
+    assert "warm-start checkpoint directory not found" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from flax import nnx
 from steppo_jax.sampling.generate import init_state, jit_generate
 from steppo_jax.sampling.select import SamplingParams
 from steppo_jax.sampling.slots import jit_decode_slots, jit_prefill_slots
+from steppo_jax.sharding import RULES
 
 
 def bucket(n: int, minimum: int = 8) -> int:
@@ -48,6 +49,8 @@ class StepOutput(NamedTuple):
     logprobs: list[np.ndarray]
     stopped: np.ndarray
     version: int = 0
+    rows: int = 0
+    """Rows the call's decode ran (`step`: B; `decode`: its busy rows, rounded up)."""
 
 
 class Sampler:
@@ -71,7 +74,8 @@ class Sampler:
     `decode` serves the slot engine (`steppo_jax.rollout.SlotEngine`): each row is a slot,
     each call draws at most `chunk` tokens of every active slot's reply, with the slot's own
     reply key, so a reply cut into chunks is the one `step` draws; only the slots starting a
-    reply are prefilled (`steppo_jax.sampling.slots`). With `decode_rows` < `batch_size`
+    reply are prefilled (`steppo_jax.sampling.slots`), and only the busy slots decode (their
+    count rounded up to a quarter of `decode_rows`, `StepOutput.rows`). With `decode_rows` < `batch_size`
     the cache holds more conversations than a call decodes: a call's at most `decode_rows`
     active rows are gathered out of the cache and written back (a decode costs `decode_rows`
     rows, whatever the cache holds).
@@ -168,6 +172,7 @@ class Sampler:
             logprobs=[logprobs[r, :n[r]] for r in range(b)],
             stopped=np.asarray(stopped),
             version=version,
+            rows=b,
         )
 
     def decode(self, new_tokens: Sequence[Sequence[int] | None], stop_ids, keys: jax.Array,
@@ -225,10 +230,11 @@ class Sampler:
             if budget.max() > 0:
                 reach = int(np.max(np.where(budget > 0, lengths + lens + drawn + budget, 1)))
                 busy = np.flatnonzero(budget > 0)
-                if self.decode_rows == b:  # slot p is cache row p
+                width = self._decode_width(busy.size)
+                if width == b:  # slot p is cache row p
                     rows, gather, pick = np.arange(b), None, lambda x: x
                 else:  # the busy rows first, then other distinct rows as padding
-                    rows = np.concatenate([busy, np.setdiff1d(np.arange(b), busy)])[:self.decode_rows]
+                    rows = np.concatenate([busy, np.setdiff1d(np.arange(b), busy)])[:width]
                     gather, pick = jnp.asarray(rows), lambda x: x[rows]
                 self.state, out = jit_decode_slots(
                     self.graphdef, params, self.state, jnp.asarray(pick(budget) > 0), pick(stops), pick(keys),
@@ -241,7 +247,19 @@ class Sampler:
                         logprobs[r] = np.concatenate([logprobs[r], lp[p, :n[p]]])
                         stopped[r] = bool(stop[p])
         self._lengths = np.where(active, lengths + lens + np.array([len(t) for t in tokens]), self._lengths)
-        return StepOutput(tokens=tokens, logprobs=logprobs, stopped=stopped, version=version)
+        return StepOutput(tokens=tokens, logprobs=logprobs, stopped=stopped, version=version,
+                          rows=width if budget.max() > 0 else int(starting.sum()))
+
+    def _decode_width(self, busy: int) -> int:
+        """Rows a decode call runs for ``busy`` slots: rounded up to a quarter of `decode_rows`
+        (a multiple of the mesh's batch shards), at most `decode_rows`. So a call with few busy
+        slots (slots waiting on their environments, the end of a collect) decodes few rows,
+        out of 4 compiled widths."""
+        shards = 1
+        if self.mesh is not None:
+            shards = int(np.prod([self.mesh.shape[a] for a in RULES["batch"] or () if a in self.mesh.axis_names]))
+        step = -(-max(1, self.decode_rows // 4) // shards) * shards
+        return min(self.decode_rows, -(-busy // step) * step)
 
     def _check_room(self, rows, lengths: np.ndarray, lens: np.ndarray) -> None:
         """Each of ``rows`` has context to decode from and room for a whole reply."""

@@ -297,6 +297,10 @@ class SFTSection:
     """Probability that a demonstration step is the environment's characteristic mistake
     (``mistake_action``, e.g. answering multihop_qa after the first hop) where it has one: a
     systematic error of the cloned policy that RL has to fix."""
+    init: str | None = None
+    """Policy checkpoint to continue from (a ``steppo sft`` output or ``model.warm_start``-style
+    directory); None = the model's fresh initialisation. Continuing from the shipped warm start
+    teaches a task variant (e.g. longer chains) in far fewer steps than cloning from scratch."""
     seed_offset: int = 1_000_000
     """Demonstration task ids start here, away from training ids and never on held-out ones (an
     environment with its own split, e.g. hotpotqa: its training ids from this position on)."""
