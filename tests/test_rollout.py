@@ -368,7 +368,7 @@ def test_greedy_slots_equal_the_synchronous_engine(tok, sharp_model, window, slo
     layout = packed_batch if window is None else step_rows_batch
     validate(layout(got, 3))
     assert timings.decoded_tokens == sum(e - s for r in got for s, e in r.step_spans)
-    assert 0 < timings.slot_utilisation <= 1 and timings.slot_steps % (decode_rows or slots) == 0
+    assert 0 < timings.slot_utilisation <= 1
 
 
 def test_sampled_slots_draw_what_the_synchronous_engine_draws(tok, sharp_model):

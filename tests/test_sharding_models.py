@@ -85,14 +85,15 @@ def _main(axis_types: str, tmp: str) -> None:
                 np.testing.assert_allclose(x, y, atol=1e-5)
 
     # slot decoding with parked caches: 8 conversations decoded 4 per call (rows gathered out
-    # of the cache and written back), the first 4 resumed after the others ran
+    # of the cache and written back), the first 4 resumed after the others ran, then 2 of them
+    # alone (a narrower call)
     keys = reply_keys(jax.random.key(2), jnp.zeros(8, jnp.int32), jnp.arange(8))
     outs = []
     for m, mh in ((model, mesh), (ref, None)):
         s = Sampler(m, batch_size=8, capacity=64, max_new_tokens=6, sampling=SamplingParams(greedy=True),
                     mesh=mh, decode_rows=4)
         drawn = []
-        for rows, offset in ((range(4), 0), (range(4, 8), 0), (range(4), 3)):
+        for rows, offset in ((range(4), 0), (range(4, 8), 0), (range(4), 3), (range(4, 6), 3)):
             new = [(prompts[r % 4] if offset == 0 else []) if r in rows else None for r in range(8)]
             out = s.decode(new, [], keys, [offset if r in rows else 0 for r in range(8)], [offset == 0] * 8, 3)
             drawn.append(out.tokens)
