@@ -8,6 +8,8 @@ over it), so one table serves every mesh shape.
 
 from __future__ import annotations
 
+import math
+
 from typing import Any, Sequence
 
 import jax
@@ -72,6 +74,14 @@ def logical_spec(names: Sequence[str | None], shape: Sequence[int] | None = None
             used.add(axis)
         out.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
     return P(*out)
+
+
+def batch_shards(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None) -> int:
+    """How many ways the logical ``batch`` axis is split on ``mesh`` (1 without one): a batch's
+    rows must be a multiple of it."""
+    if mesh is None:
+        return 1
+    return math.prod(mesh.shape[a] for a in RULES["batch"] or () if a in mesh.axis_names)
 
 
 def _is_var(x) -> bool:

@@ -320,7 +320,8 @@ def test_sft_continues_from_a_checkpoint(tmp_path, capsys):
     from steppo_jax import cli
 
     def sft(run, *extra):
-        overrides = [*TINY, "env.options={}", f"run_dir={tmp_path / run}", "sft.steps=3", "sft.num_demos=8", "sft.batch_size=4", *extra]
+        overrides = [*TINY, "env.options={}", f"run_dir={tmp_path / run}", "sft.steps=3", "sft.num_demos=8",
+                     "sft.batch_size=4", *extra]
         return leaves(cli.cmd_sft(Namespace(config=None, run_dir=None, overrides=overrides))["policy"])
 
     first = sft("a")
@@ -328,5 +329,6 @@ def test_sft_continues_from_a_checkpoint(tmp_path, capsys):
     continued = sft("c", f"sft.init={tmp_path / 'a' / 'sft'}", "sft.lr=1e-30")
     assert all(np.allclose(x, y, rtol=0, atol=1e-20) for x, y in zip(first, continued))
     assert max(np.abs(x - y).max() for x, y in zip(first, fresh)) > 1e-4
-    assert cli.main(["sft", *TINY, "env.options={}", f"run_dir={tmp_path / 'd'}", f"sft.init={tmp_path / 'nothing'}"]) == 2
+    missing = f"sft.init={tmp_path / 'nothing'}"
+    assert cli.main(["sft", *TINY, "env.options={}", f"run_dir={tmp_path / 'd'}", missing]) == 2
     assert "warm-start checkpoint directory not found" in capsys.readouterr().err

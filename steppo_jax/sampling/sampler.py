@@ -13,7 +13,7 @@ from flax import nnx
 from steppo_jax.sampling.generate import init_state, jit_generate
 from steppo_jax.sampling.select import SamplingParams
 from steppo_jax.sampling.slots import jit_decode_slots, jit_prefill_slots
-from steppo_jax.sharding import RULES
+from steppo_jax.sharding import batch_shards
 
 
 def bucket(n: int, minimum: int = 8) -> int:
@@ -75,10 +75,10 @@ class Sampler:
     each call draws at most `chunk` tokens of every active slot's reply, with the slot's own
     reply key, so a reply cut into chunks is the one `step` draws; only the slots starting a
     reply are prefilled (`steppo_jax.sampling.slots`), and only the busy slots decode (their
-    count rounded up to a quarter of `decode_rows`, `StepOutput.rows`). With `decode_rows` < `batch_size`
-    the cache holds more conversations than a call decodes: a call's at most `decode_rows`
-    active rows are gathered out of the cache and written back (a decode costs `decode_rows`
-    rows, whatever the cache holds).
+    count rounded up to a quarter of `decode_rows`, `StepOutput.rows`). With `decode_rows` <
+    `batch_size` the cache holds more conversations than a call decodes: a call's at most `decode_rows`
+    active rows are gathered out of the cache and written back (a decode costs its busy rows,
+    whatever the cache holds).
 
     Row b samples with the key `fold_in(key, first_row + b)`: a sampler holding rows
     [first_row, first_row + B) of a larger batch (one process's share) draws exactly what one
@@ -98,6 +98,8 @@ class Sampler:
         self.batch_size, self.capacity, self.first_row = batch_size, capacity, first_row
         self.max_new_tokens, self.sampling, self.max_stop_ids = max_new_tokens, sampling, max_stop_ids
         self.mesh, self.config = mesh, model.config
+        shards = batch_shards(mesh)  # decode widths: multiples of a quarter of decode_rows and of the shards
+        self._width_step = -(-max(1, self.decode_rows // 4) // shards) * shards
         self.state = None  # the KV cache, allocated by the first step
         self._lengths = np.zeros(batch_size, np.int64)  # host mirror: cached + pending tokens
 
@@ -255,11 +257,7 @@ class Sampler:
         (a multiple of the mesh's batch shards), at most `decode_rows`. So a call with few busy
         slots (slots waiting on their environments, the end of a collect) decodes few rows,
         out of 4 compiled widths."""
-        shards = 1
-        if self.mesh is not None:
-            shards = int(np.prod([self.mesh.shape[a] for a in RULES["batch"] or () if a in self.mesh.axis_names]))
-        step = -(-max(1, self.decode_rows // 4) // shards) * shards
-        return min(self.decode_rows, -(-busy // step) * step)
+        return min(self.decode_rows, -(-busy // self._width_step) * self._width_step)
 
     def _check_room(self, rows, lengths: np.ndarray, lens: np.ndarray) -> None:
         """Each of ``rows`` has context to decode from and room for a whole reply."""

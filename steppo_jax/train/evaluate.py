@@ -6,6 +6,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from steppo_jax import sharding
 from steppo_jax.rollout import STAT_KEYS, stats_table, table_stats
 from steppo_jax.train import distributed
 from steppo_jax.train.runtime import Runtime
@@ -15,7 +16,7 @@ from steppo_jax.train.tasks import eval_tasks
 def eval_batch_size(share: int, sample_mesh: jax.sharding.Mesh, batch_size: int = 64) -> int:
     """Rows of the evaluation sampler for a process's ``share`` of the tasks: at most
     ``batch_size``, rounded up to a multiple of the sample mesh's batch shards."""
-    n_dev = sample_mesh.shape["data"] * sample_mesh.shape["fsdp"]
+    n_dev = sharding.batch_shards(sample_mesh)
     return -(-min(batch_size, share) // n_dev) * n_dev
 
 

@@ -169,7 +169,7 @@ def shapes(cfg: Config, processes: int, mesh, sample_mesh) -> Shapes:
     after its last step bootstraps from one, ``step_rows_batch``)."""
     r, e, o = cfg.rollout, cfg.env, cfg.optim
     local_traj = r.tasks_per_iter // processes * r.group_size
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = sharding.batch_shards(mesh)
     multiple = max(o.minibatches * math.lcm(shards, o.micro_batch_rows or 1) // processes, 1)
     local_rows = local_traj if r.layout == "packed" else local_traj * (e.max_steps + 1)
     rows = -(-local_rows // multiple) * multiple * processes
@@ -186,7 +186,7 @@ def check_batch(cfg: Config, mesh, processes: int) -> None:
     r, o = cfg.rollout, cfg.optim
     if r.tasks_per_iter % processes:
         raise ConfigError(f"rollout.tasks_per_iter={r.tasks_per_iter} must split evenly over the {processes} processes")
-    n_dev = mesh.shape["data"] * mesh.shape["fsdp"]
+    n_dev = sharding.batch_shards(mesh)
     if (r.tasks_per_iter * r.group_size) % (o.minibatches * n_dev):
         raise ConfigError(f"rollout.tasks_per_iter x rollout.group_size = {r.tasks_per_iter * r.group_size} "
                           f"trajectories must split into optim.minibatches={o.minibatches} minibatches of a multiple "

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from steppo_jax import sharding
 from steppo_jax.rollout import RolloutTimings, stats_table, table_stats
 from steppo_jax.train import distributed
 from steppo_jax.train.checkpoint import CheckpointError, CheckpointManager, abstract_like
@@ -117,7 +118,7 @@ class Trainer:
         if r.max_staleness and processes > 1:
             raise ConfigError(f"rollout.max_staleness={r.max_staleness} (asynchronous training) runs in one process, "
                               f"not {processes}")
-        n_dev = self.rt.mesh.shape["data"] * self.rt.mesh.shape["fsdp"]
+        n_dev = sharding.batch_shards(self.rt.mesh)
         if self.batch_size % (o.minibatches * n_dev):
             raise ConfigError(f"rollout.tasks_per_iter x rollout.group_size = {self.batch_size} trajectories must split "
                              f"into optim.minibatches={o.minibatches} minibatches of a multiple of {n_dev} devices")

@@ -53,7 +53,7 @@ def local_mesh(mesh: jax.sharding.Mesh, devices: Sequence[Any] | None = None, pr
 def _check_process_rows(mesh: jax.sharding.Mesh) -> None:
     """Process p's devices must hold rows [p * n, (p + 1) * n) of a batch over (data, fsdp):
     each process puts the rows of its own trajectories there."""
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = sharding.batch_shards(mesh)
     where = NamedSharding(mesh, P(("data", "fsdp"))).addressable_devices_indices_map((shards,))
     rows = {index[0].start or 0 for index in where.values()}
     n, p = shards // jax.process_count(), jax.process_index()
@@ -133,7 +133,7 @@ class Runtime:
         sampling = SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, greedy=greedy)
         decode_rows = None
         if r.engine == "slots":
-            shards = self.sample_mesh.shape["data"] * self.sample_mesh.shape["fsdp"]
+            shards = sharding.batch_shards(self.sample_mesh)
             fit = lambda n: -(-min(n, batch_size) // shards) * shards  # noqa: E731
             batch_size = fit(r.slots) if r.slots else batch_size
             decode_rows = fit(r.decode_rows) if r.decode_rows else None
@@ -201,7 +201,7 @@ class Runtime:
         with ``optim.micro_batch_rows``) then splits evenly over the (data, fsdp)
         shards. Rows beyond the records' are padding, so no more are added than that."""
         o = self.cfg.optim
-        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        shards = sharding.batch_shards(self.mesh)
         per_minibatch = math.lcm(shards, o.micro_batch_rows or 1)
         return o.minibatches * per_minibatch // jax.process_count()
 
