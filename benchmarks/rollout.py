@@ -46,6 +46,8 @@ from flax import nnx
 
 from steppo_jax.rollout import RolloutEngine, RolloutTimings, SlotEngine
 from steppo_jax.sampling import Sampler
+from steppo_jax.sampling.generate import jit_generate
+from steppo_jax.sampling.slots import jit_decode_slots, jit_prefill_slots
 from steppo_jax.train.config import load_config
 from steppo_jax.train.metrics import read_metrics
 from steppo_jax.train.rl import Trainer, load_policy_params
@@ -99,6 +101,11 @@ def measure(engines: dict, tasks, group_size: int, rounds: int, depth: int, fact
                 out[name]["records"] += engine.collect(work, group_size, jax.random.key(i), out[name]["timings"])
             out[name]["wall"] += time.perf_counter() - t0
     return out
+
+
+def compile_count() -> int:
+    """Programs compiled so far by the sampler's jitted functions (both engines)."""
+    return sum(f._cache_size() for f in (jit_generate, jit_decode_slots, jit_prefill_slots))
 
 
 def summary(m: dict) -> dict:
@@ -185,9 +192,14 @@ def main():
                "slots": SlotEngine(factory, rt.tokenizer, slot_sampler, rt.settings(), rt.pool, chunk=args.chunk)}
     tasks = TaskBatches(task_split(cfg.env, rt.env_factory()()).train, r.tasks_per_iter, cfg.seed)
     measure(engines, lambda i: tasks(1000 + i), r.group_size, 1, args.depth, factory)  # compile
+    t0 = time.perf_counter()  # and every other shape a slot-engine call can take
+    programs = slot_sampler.warm_up(args.chunk)
+    print(f"slot sampler warm-up: {programs} programs in {time.perf_counter() - t0:.0f}s")
+    compiled = compile_count()
     load = os.getloadavg()[0]
     measured = measure(engines, tasks, r.group_size, args.rounds, args.depth, factory)
     runs = {name: summary(m) for name, m in measured.items()}
+    compiled = compile_count() - compiled
     sync, slot = runs["sync"], runs["slots"]
     records = measured["sync"]["records"]
     steps = sum(x.num_steps for x in records)
@@ -200,7 +212,7 @@ def main():
                   load_average_before=load, load_average_after=os.getloadavg()[0],
                   env_latency={"median_ms": args.median_ms, "p99_ms": args.p99_ms, "workers": rt.pool.num_workers},
                   slots=slots, decode_rows=slot_sampler.decode_rows, decode_chunk=args.chunk, rounds=args.rounds,
-                  depth=args.depth,
+                  depth=args.depth, compiled_while_measuring=compiled,
                   slot_utilisation=slot["slot_utilisation"], slot_utilisation_sync=sync["slot_utilisation"],
                   env_steps_speedup=slot["env_steps_per_s"] / sync["env_steps_per_s"], engines=runs,
                   reply_tokens={"mean": float(np.mean(replies)), "p50": float(np.median(replies)),
@@ -213,7 +225,8 @@ def main():
               + ", ".join(f"{k} {v:.0%}" for k, v in run["time_split"].items()))
     print(f"env steps/s: slots / sync = x{result['env_steps_speedup']:.2f}; "
           f"slot utilisation {slot['slot_utilisation']:.1%} (sync {sync['slot_utilisation']:.1%}); "
-          f"load average {load:.1f} -> {result['load_average_after']:.1f} on {os.cpu_count()} CPUs")
+          f"load average {load:.1f} -> {result['load_average_after']:.1f} on {os.cpu_count()} CPUs; "
+          f"{compiled} programs compiled while measuring")
     print(f"mean prompt {prompt:.0f}, reply {reply:.1f}, observation {obs:.1f} tokens")
     for k in (5, 10, 20):
         packed = prompt + k * reply + (k - 1) * obs

@@ -8,6 +8,7 @@ from flax import nnx
 
 from steppo_jax.models import Decoder, ModelConfig, token_logprobs
 from steppo_jax.sampling import Sampler, SamplingParams, bucket, jit_generate, reply_keys, select_tokens
+from steppo_jax.sampling.slots import decode_slots, jit_decode_slots, jit_prefill_slots
 
 CFG = ModelConfig(model_type="qwen3", vocab_size=128, d_model=48, n_layers=2, n_heads=4,
                   n_kv_heads=2, head_dim=12, mlp_dim=96, qk_norm=True, tie_embeddings=False)
@@ -306,20 +307,51 @@ def test_decode_in_chunks_draws_what_one_step_draws(model, chunk):
 
 
 def test_decode_runs_only_the_busy_rows(model):
-    """With 3, then 1, of 8 slots busy, a call decodes 4, then 2 rows (busy slots rounded up to
-    a quarter of decode_rows, gathered out of the cache) and draws what `step` draws."""
+    """With 3, then 1, of 16 slots busy, a call decodes 4, then 2 rows (busy slots rounded up to
+    an eighth of decode_rows, gathered out of the cache) and draws what `step` draws; its
+    slot-steps are the prefill's rows (a power of two) plus the decode's rows x iterations."""
     hot = SamplingParams(temperature=40.0)
-    whole = Sampler(model, batch_size=8, capacity=64, max_new_tokens=4, sampling=hot)
-    slots = Sampler(model, batch_size=8, capacity=64, max_new_tokens=4, sampling=hot)
+    whole = Sampler(model, batch_size=16, capacity=64, max_new_tokens=4, sampling=hot)
+    slots = Sampler(model, batch_size=16, capacity=64, max_new_tokens=4, sampling=hot)
     key = jax.random.key(7)
-    turns = [[[1, 2], [3], [4, 5, 6]] + [None] * 5, [None, [7, 8]] + [None] * 6]
-    for turn, (new, rows) in enumerate(zip(turns, (4, 2))):
+    turns = [[[1, 2], [3], [4, 5, 6]] + [None] * 13, [None, [7, 8]] + [None] * 14]
+    for turn, (new, rows, prefill) in enumerate(zip(turns, (4, 2), (4, 1))):
         ref = whole.step(new, [], jax.random.fold_in(key, turn), reset=turn == 0)
-        keys = reply_keys(key, jnp.full(8, turn), jnp.arange(8))
-        out = slots.decode(new, [], keys, [0] * 8, [turn == 0] * 8, 4)
+        keys = reply_keys(key, jnp.full(16, turn), jnp.arange(16))
+        out = slots.decode(new, [], keys, [0] * 16, [turn == 0] * 16, 4)
         assert out.rows == rows and out.tokens == ref.tokens
+        assert out.slot_steps == prefill + rows * 3  # no stop ids: every reply runs 1 + 3 tokens
         for a, b in zip(out.logprobs, ref.logprobs):
             np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_a_decode_call_ends_once_few_enough_rows_are_drawing(model):
+    """`decode_slots` stops after the iteration that leaves at most ``floor`` rows drawing:
+    budgets (1, 3, 3) draw (1, 1, 1) tokens with floor 2 and (1, 3, 3) with floor 0, and
+    the first tokens agree."""
+    s = Sampler(model, batch_size=3, capacity=64, max_new_tokens=8)
+    keys = reply_keys(jax.random.key(0), jnp.zeros(3, jnp.int32), jnp.arange(3))
+    s.decode([[1, 2], [3], [4]], [], keys, [0] * 3, [True] * 3, 1)  # each slot now holds a pending token
+    outs = {}
+    for floor, drawn in ((2, [1, 1, 1]), (0, [1, 3, 3])):
+        _, outs[floor] = decode_slots(s.graphdef, s.params, s.state, jnp.ones(3, bool), jnp.full((3, 1), -1), keys,
+                                      jnp.ones(3, jnp.int32), jnp.asarray([1, 3, 3]), floor=jnp.int32(floor), chunk=3)
+        assert outs[floor].lengths.tolist() == drawn
+    np.testing.assert_array_equal(outs[2].tokens[:, 0], outs[0].tokens[:, 0])
+
+
+def test_warm_up_compiles_every_program_decode_runs(model):
+    """After `warm_up`, calls with other busy counts, prompt widths and cache lengths compile
+    nothing: 4 decode widths (one span) and 3 prefill row counts x 3 prefill widths."""
+    s = Sampler(model, batch_size=4, capacity=32, max_new_tokens=4)
+    assert s.warm_up(2) == 4 + 3 * 3
+    programs = jit_decode_slots._cache_size(), jit_prefill_slots._cache_size()
+    keys = reply_keys(jax.random.key(1), jnp.zeros(4, jnp.int32), jnp.arange(4))
+    out = s.decode([[1] * 20, [2], None, [3, 4, 5]], [], keys, [0] * 4, [True] * 4, 2)
+    offsets = [len(t) for t in out.tokens]
+    s.decode([[], [], None, []], [], keys, offsets, [False] * 4, 2)
+    s.decode([None, [6] * 9, [7], None], [], keys, [0] * 4, [False, False, True, False], 1)
+    assert (jit_decode_slots._cache_size(), jit_prefill_slots._cache_size()) == programs
 
 
 def test_decode_rows_fewer_than_cache_rows_draw_what_one_step_draws(model):

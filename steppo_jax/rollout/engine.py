@@ -20,6 +20,7 @@ import numpy as np
 from steppo_jax.envs.base import Environment
 from steppo_jax.envs.pool import EnvPool
 from steppo_jax.rollout.records import TrajectoryRecord, anchor_id
+from steppo_jax.sampling import StepOutput
 from steppo_jax.tokenizer import render_delta
 
 
@@ -37,8 +38,8 @@ class RolloutSettings:
 @dataclasses.dataclass
 class RolloutTimings:
     """What a rollout spent, summed over ``collect`` calls: host seconds in sampler calls,
-    waiting for environments and in host glue; decoded tokens and the slot-steps decoding
-    ran (rows x the longest row's tokens, per call): their ratio is the slot utilisation."""
+    waiting for environments and in host glue; decoded tokens and the slot-steps sampling
+    ran (`StepOutput.slot_steps`, padding rows included): their ratio is the slot utilisation."""
 
     sampler_s: float = 0.0
     env_s: float = 0.0
@@ -46,10 +47,10 @@ class RolloutTimings:
     decoded_tokens: int = 0
     slot_steps: int = 0
 
-    def count_call(self, tokens: Sequence[Sequence[int]], rows: int) -> None:
-        """Counts one sampler call that drew ``tokens`` (per row) on ``rows`` rows."""
-        self.decoded_tokens += sum(map(len, tokens))
-        self.slot_steps += rows * max(map(len, tokens), default=0)
+    def count_call(self, out: StepOutput) -> None:
+        """Counts one sampler call's tokens and slot-steps."""
+        self.decoded_tokens += sum(map(len, out.tokens))
+        self.slot_steps += out.slot_steps
 
     @property
     def slot_utilisation(self) -> float:
@@ -114,7 +115,7 @@ class RolloutEngine:
             out = self.sampler.step([new[i] if records[i].live else None for i in range(B)], self.codec.stop_ids,
                                     jax.random.fold_in(key, k), reset=(k == 0 or rebuild))
             timings.sampler_s += time.perf_counter() - t0
-            timings.count_call(out.tokens, B)
+            timings.count_call(out)
             t0 = time.perf_counter()
             actions = [self._act(records[i], out.tokens[i], out.logprobs[i], out.version) for i in live]
             timings.glue_s += time.perf_counter() - t0

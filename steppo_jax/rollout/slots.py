@@ -3,8 +3,8 @@
 Each slot of the sampler is an independent conversation with its own KV region. One sampler
 call (``Sampler.decode``) draws a chunk of at most K tokens for up to D busy slots (the
 sampler's ``decode_rows``; D = B by default; a call runs its busy slots' rows only, so idle
-slots cost nothing); between chunks the host retires the replies that
-ended (each goes to its environment at once, on the pool, while decoding goes on) and refills
+slots cost nothing, and ends early once an eighth of its rows have finished); between chunks
+the host retires the replies that ended (each goes to its environment at once, on the pool, while decoding goes on) and refills
 the decode rows with pending work: the next step of a trajectory whose environment has
 answered, in its own slot (a trajectory keeps its slot, and so its cache, for its whole
 episode: only the observation is prefilled), and new trajectories, each into an empty slot or
@@ -104,7 +104,7 @@ class SlotEngine(RolloutEngine):
             out = self.sampler.decode([None if busy[b] < 0 else (start[b] if offsets[b] == 0 else [])
                                        for b in range(B)], self.codec.stop_ids, keys, offsets, reset, K)
             timings.sampler_s += time.perf_counter() - t0
-            timings.count_call(out.tokens, out.rows)
+            timings.count_call(out)
             t0 = time.perf_counter()
             for b in np.flatnonzero(busy >= 0):
                 if offsets[b] == 0:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from steppo_jax.sampling.generate import init_state, jit_generate
+from steppo_jax.sampling.generate import Generation, init_state, jit_generate
 from steppo_jax.sampling.select import SamplingParams
 from steppo_jax.sampling.slots import jit_decode_slots, jit_prefill_slots
 from steppo_jax.sharding import batch_shards
@@ -40,6 +40,12 @@ def reply_keys(key: jax.Array, steps: jax.Array, rows: jax.Array) -> jax.Array:
     return jax.vmap(lambda k, r: jax.random.fold_in(jax.random.fold_in(key, k), r))(steps, rows)
 
 
+def _device(x) -> jax.Array:
+    """A host array on the device as bool or int32, cast on the host."""
+    x = np.asarray(x)
+    return jnp.asarray(x if x.dtype == bool else x.astype(np.int32))
+
+
 class StepOutput(NamedTuple):
     """Per row: generated ids and their behaviour log-probs (empty for inactive rows);
     `stopped[b]` is True when the step ended on one of the row's stop tokens; `version`: the
@@ -51,6 +57,10 @@ class StepOutput(NamedTuple):
     version: int = 0
     rows: int = 0
     """Rows the call's decode ran (`step`: B; `decode`: its busy rows, rounded up)."""
+    slot_steps: int = 0
+    """Row-steps the call's sampling ran, padding rows included: B x the longest row's tokens
+    for `step`; for `decode`, each prefill's rows (one token each) plus the decode's rows x
+    its iterations. Tokens drawn / slot_steps is the call's slot utilisation."""
 
 
 class Sampler:
@@ -75,7 +85,9 @@ class Sampler:
     each call draws at most `chunk` tokens of every active slot's reply, with the slot's own
     reply key, so a reply cut into chunks is the one `step` draws; only the slots starting a
     reply are prefilled (`steppo_jax.sampling.slots`), and only the busy slots decode (their
-    count rounded up to a quarter of `decode_rows`, `StepOutput.rows`). With `decode_rows` <
+    count rounded up to an eighth of `decode_rows`, `StepOutput.rows`); a call ends early once
+    an eighth of its rows have finished, so the caller can refill them or run fewer rows
+    (`warm_up` compiles every shape a call can take). With `decode_rows` <
     `batch_size` the cache holds more conversations than a call decodes: a call's at most `decode_rows`
     active rows are gathered out of the cache and written back (a decode costs its busy rows,
     whatever the cache holds).
@@ -98,8 +110,8 @@ class Sampler:
         self.batch_size, self.capacity, self.first_row = batch_size, capacity, first_row
         self.max_new_tokens, self.sampling, self.max_stop_ids = max_new_tokens, sampling, max_stop_ids
         self.mesh, self.config = mesh, model.config
-        shards = batch_shards(mesh)  # decode widths: multiples of a quarter of decode_rows and of the shards
-        self._width_step = -(-max(1, self.decode_rows // 4) // shards) * shards
+        shards = batch_shards(mesh)  # decode widths: multiples of an eighth of decode_rows and of the shards
+        self._width_step = -(-max(1, self.decode_rows // 8) // shards) * shards
         self.state = None  # the KV cache, allocated by the first step
         self._lengths = np.zeros(batch_size, np.int64)  # host mirror: cached + pending tokens
 
@@ -175,6 +187,7 @@ class Sampler:
             stopped=np.asarray(stopped),
             version=version,
             rows=b,
+            slot_steps=b * int(n.max(initial=0)),
         )
 
     def decode(self, new_tokens: Sequence[Sequence[int] | None], stop_ids, keys: jax.Array,
@@ -210,21 +223,20 @@ class Sampler:
         stops = jnp.asarray(self._stop_array(stop_ids))
         tokens, logprobs = [[] for _ in range(b)], [np.zeros(0, np.float32) for _ in range(b)]
         stopped = np.zeros(b, bool)
+        slot_steps, ran = 0, 0  # ran: the decode's rows
         with self._mesh_ctx():
             widths = {r: prefill_width(int(lens[r]) + 1, self.prefill_chunk) for r in np.flatnonzero(starting)}
             for width in sorted(set(widths.values())):  # one prefill per width: short ones pad little
                 first = np.array([r for r, w in widths.items() if w == width])
-                size = min(bucket(first.size, 4), b)  # distinct rows: the starting ones, then others
+                size = self._prefill_rows(first.size)  # distinct rows: the starting ones, then others
                 rows = np.concatenate([first, np.setdiff1d(np.arange(b), first)[:size - first.size]])
                 tok = np.zeros((size, width - 1), np.int32)
                 for p, r in enumerate(first):
                     tok[p, :lens[r]] = new_tokens[r]
-                # the whole cache is read: a chunk prefills few rows, and shapes stay few
-                self.state, out = jit_prefill_slots(
-                    self.graphdef, params, self.state, jnp.asarray(rows), jnp.asarray(np.arange(size) < first.size),
-                    jnp.asarray(tok), jnp.asarray(lens[rows], jnp.int32), jnp.asarray(np.asarray(reset, bool)[rows]),
-                    stops[rows], keys[rows], sampling=self.sampling, prefill_chunk=self.prefill_chunk)
+                out = self._prefill(params, rows, np.arange(size) < first.size, tok, lens[rows],
+                                    np.asarray(reset, bool)[rows], stops[rows], keys[rows])
                 tok0, lp0, _, stop0 = jax.device_get(tuple(out))
+                slot_steps += size
                 for p, r in enumerate(first):
                     tokens[r], logprobs[r], stopped[r] = [int(tok0[p, 0])], lp0[p, :1], bool(stop0[p])
             drawn = np.array([len(t) for t in tokens])
@@ -232,31 +244,87 @@ class Sampler:
             if budget.max() > 0:
                 reach = int(np.max(np.where(budget > 0, lengths + lens + drawn + budget, 1)))
                 busy = np.flatnonzero(budget > 0)
-                width = self._decode_width(busy.size)
-                if width == b:  # slot p is cache row p
-                    rows, gather, pick = np.arange(b), None, lambda x: x
-                else:  # the busy rows first, then other distinct rows as padding
-                    rows = np.concatenate([busy, np.setdiff1d(np.arange(b), busy)])[:width]
-                    gather, pick = jnp.asarray(rows), lambda x: x[rows]
-                self.state, out = jit_decode_slots(
-                    self.graphdef, params, self.state, jnp.asarray(pick(budget) > 0), pick(stops), pick(keys),
-                    jnp.asarray(pick(offsets + drawn)), jnp.asarray(pick(budget), jnp.int32), gather, chunk=chunk,
-                    sampling=self.sampling, span=min(self.capacity, bucket(reach, 128)))
+                ran = self._decode_width(busy.size)
+                # the busy rows first, then other distinct rows as padding (all rows: no gather)
+                rows = np.arange(b) if ran == b else np.concatenate([busy, np.setdiff1d(np.arange(b), busy)])[:ran]
+                out = self._decode(params, rows, budget[rows], stops, keys, offsets[rows] + drawn[rows], chunk,
+                                   span=min(self.capacity, bucket(reach, 128)))
                 more, lp, n, stop = jax.device_get(tuple(out))
+                slot_steps += ran * int(n.max())
                 for p, r in enumerate(rows):
                     if budget[r] > 0:
                         tokens[r] = tokens[r] + more[p, :n[p]].tolist()
                         logprobs[r] = np.concatenate([logprobs[r], lp[p, :n[p]]])
                         stopped[r] = bool(stop[p])
         self._lengths = np.where(active, lengths + lens + np.array([len(t) for t in tokens]), self._lengths)
-        return StepOutput(tokens=tokens, logprobs=logprobs, stopped=stopped, version=version,
-                          rows=width if budget.max() > 0 else int(starting.sum()))
+        return StepOutput(tokens=tokens, logprobs=logprobs, stopped=stopped, version=version, rows=ran,
+                          slot_steps=slot_steps)
+
+    def _prefill(self, params, rows, starting, tok, lens, reset, stops, keys) -> Generation:
+        """One `prefill_slots` call on the distinct cache rows ``rows`` [P] (host arrays; stops
+        and keys: device arrays of those rows)."""
+        # host arrays are cast on the host: a cast on the device under a mesh commits its
+        # output, and a committed argument would compile a program of its own
+        self.state, out = jit_prefill_slots(
+            self.graphdef, params, self.state, *map(_device, (rows, starting, tok, lens, reset)), stops, keys,
+            sampling=self.sampling, prefill_chunk=self.prefill_chunk)
+        return out
+
+    def _decode(self, params, rows, budget, stops, keys, offsets, chunk: int, span: int) -> Generation:
+        """One `decode_slots` call on the distinct cache rows ``rows`` [W] (all B in order: slot
+        p is row p, no gather), each drawing at most budget [W] tokens; stops, keys: [B]."""
+        gather = None if rows.size == self.batch_size else _device(rows)
+        pick = (lambda x: x) if gather is None else (lambda x: x[rows])
+        self.state, out = jit_decode_slots(
+            self.graphdef, params, self.state, _device(budget > 0), pick(stops), pick(keys), _device(offsets),
+            _device(budget), gather, _device(max(rows.size - self._width_step, 0)), chunk=chunk,
+            sampling=self.sampling, span=span)
+        return out
+
+    def warm_up(self, chunk: int) -> int:
+        """Compiles every program `decode` with ``chunk`` can run, by running each shape once
+        with no row busy: each decode width (`_decode_width`) at each attention span, each
+        prefill row count at each prefill width. A later `decode` compiles nothing, so a
+        measurement (or a run's first iterations) sees steady-state calls only. Returns the
+        number of programs run; the cache keeps its contents."""
+        params = self._weights[0]
+        if params is None:
+            raise ValueError("the sampler was released: set_params before warm_up")
+        if self.state is None:
+            self._allocate()
+        b, cap = self.batch_size, self.capacity
+        stops = jnp.asarray(np.full((b, self.max_stop_ids), -1, np.int32))
+        keys = reply_keys(jax.random.key(0), jnp.zeros(b, jnp.int32), jnp.arange(b))
+        spans = sorted({min(cap, bucket(n, 128)) for n in range(1, cap + 1)})
+        widths = sorted({self._decode_width(n) for n in range(1, self.decode_rows + 1)})
+        sizes = sorted({self._prefill_rows(n) for n in range(1, self.decode_rows + 1)})
+        prefills = sorted({prefill_width(n + 1, self.prefill_chunk) for n in range(1, cap - self.max_new_tokens + 1)})
+        count = 0
+        with self._mesh_ctx():
+            for span in spans:
+                for width in widths:
+                    rows = np.arange(width)
+                    zero = np.zeros(width, np.int32)
+                    jax.block_until_ready(self._decode(params, rows, zero, stops, keys, zero, chunk, span))
+                    count += 1
+            for size in sizes:
+                rows = np.arange(size)
+                for width in prefills:
+                    none = np.zeros(size, bool)
+                    jax.block_until_ready(self._prefill(params, rows, none, np.zeros((size, width - 1), np.int32),
+                                                        np.zeros(size), none, stops[rows], keys[rows]))
+                    count += 1
+        return count
+
+    def _prefill_rows(self, starting: int) -> int:
+        """Rows a prefill call runs for ``starting`` slots: the next power of two, at most B."""
+        return min(bucket(starting, 1), self.batch_size)
 
     def _decode_width(self, busy: int) -> int:
-        """Rows a decode call runs for ``busy`` slots: rounded up to a quarter of `decode_rows`
+        """Rows a decode call runs for ``busy`` slots: rounded up to an eighth of `decode_rows`
         (a multiple of the mesh's batch shards), at most `decode_rows`. So a call with few busy
         slots (slots waiting on their environments, the end of a collect) decodes few rows,
-        out of 4 compiled widths."""
+        out of 8 compiled widths."""
         return min(self.decode_rows, -(-busy // self._width_step) * self._width_step)
 
     def _check_room(self, rows, lengths: np.ndarray, lens: np.ndarray) -> None:

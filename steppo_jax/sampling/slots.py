@@ -92,8 +92,8 @@ def prefill_slots(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState,
 
 def decode_slots(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, busy: jax.Array,
                  stop_ids: jax.Array, keys: jax.Array, offsets: jax.Array, budget: jax.Array,
-                 rows: jax.Array | None = None, *, chunk: int, sampling: SamplingParams = SamplingParams(),
-                 span: int | None = None) -> tuple[DecodeState, Generation]:
+                 rows: jax.Array | None = None, floor: jax.Array | int = 0, *, chunk: int,
+                 sampling: SamplingParams = SamplingParams(), span: int | None = None) -> tuple[DecodeState, Generation]:
     """Up to ``chunk`` (static) more tokens of the reply in each ``busy`` [B] slot.
 
     A busy slot has a pending token (its reply's last one) and ``offsets`` [B] tokens of its
@@ -109,7 +109,7 @@ def decode_slots(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, 
     """
     if rows is not None:
         part, out = decode_slots(graphdef, params, _take_rows(state, rows), busy, stop_ids, keys, offsets, budget,
-                                 chunk=chunk, sampling=sampling, span=span)
+                                 floor=floor, chunk=chunk, sampling=sampling, span=span)
         return _put_rows(state, rows, part), out
     model = nnx.merge(graphdef, params)
     busy, offsets, budget, keys = (constrain(x, ("batch",)) for x in (busy, offsets, budget, keys))
@@ -119,7 +119,7 @@ def decode_slots(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, 
 
     def cond(carry):
         i, *_, done, _, _, _, _ = carry
-        return (i < chunk) & ~jnp.all(done)
+        return (i < chunk) & (jnp.sum(~done) > floor)
 
     def body(carry):
         i, kv, lengths, cur, done, stopped, counts, out_tok, out_lp = carry
