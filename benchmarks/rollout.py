@@ -156,6 +156,7 @@ def main():
     parser.add_argument("--decode-rows", type=int, default=0,
                         help="replies the slot engine decodes at once (0: every slot)")
     parser.add_argument("--chunk", type=int, default=8, help="tokens per slot per sampler call")
+    parser.add_argument("--decode-widths", type=int, default=16, help="compiled decode widths of the slot engine")
     parser.add_argument("--median-ms", type=float, default=50.0)
     parser.add_argument("--p99-ms", type=float, default=1000.0)
     parser.add_argument("--out", default="benchmarks/out/rollout.json")
@@ -187,7 +188,8 @@ def main():
     slot_sampler = Sampler(policy, **{**{f: getattr(sync_sampler, f) for f in ("capacity", "max_new_tokens",
                                                                                "sampling", "prefill_chunk")},
                                       "batch_size": slots, "mesh": rt.sample_mesh,
-                                      "decode_rows": args.decode_rows or None})
+                                      "decode_rows": args.decode_rows or None,
+                                      "decode_widths": args.decode_widths})
     engines = {"sync": RolloutEngine(factory, rt.tokenizer, sync_sampler, rt.settings(), rt.pool),
                "slots": SlotEngine(factory, rt.tokenizer, slot_sampler, rt.settings(), rt.pool, chunk=args.chunk)}
     tasks = TaskBatches(task_split(cfg.env, rt.env_factory()()).train, r.tasks_per_iter, cfg.seed)
@@ -211,7 +213,8 @@ def main():
     result = dict(date=time.strftime("%Y-%m-%d"), machine=platform.machine(), cpus=os.cpu_count(),
                   load_average_before=load, load_average_after=os.getloadavg()[0],
                   env_latency={"median_ms": args.median_ms, "p99_ms": args.p99_ms, "workers": rt.pool.num_workers},
-                  slots=slots, decode_rows=slot_sampler.decode_rows, decode_chunk=args.chunk, rounds=args.rounds,
+                  slots=slots, decode_rows=slot_sampler.decode_rows, decode_widths=args.decode_widths,
+                  decode_chunk=args.chunk, rounds=args.rounds,
                   depth=args.depth, compiled_while_measuring=compiled,
                   slot_utilisation=slot["slot_utilisation"], slot_utilisation_sync=sync["slot_utilisation"],
                   env_steps_speedup=slot["env_steps_per_s"] / sync["env_steps_per_s"], engines=runs,

@@ -143,6 +143,7 @@ def test_int_is_accepted_where_float_is_expected():
     (["rollout.decode_chunk=49"], "rollout.decode_chunk = 49 must be <= rollout.max_new_tokens (48)"),
     (["rollout.slots=-1"], "rollout.slots = -1 must be >= 0"),
     (["rollout.decode_rows=-1"], "rollout.decode_rows = -1 must be >= 0"),
+    (["rollout.decode_widths=0"], "rollout.decode_widths = 0 must be >= 1"),
     (["rollout.slots=8", "rollout.decode_rows=9"], "rollout.decode_rows = 9 must be <= rollout.slots (8)"),
     (["rollout.max_staleness=-1"], "rollout.max_staleness = -1 must be >= 0"),
     (["env.workers=0"], "env.workers = 0 must be >= 1"),

@@ -3,7 +3,7 @@
 Each slot of the sampler is an independent conversation with its own KV region. One sampler
 call (``Sampler.decode``) draws a chunk of at most K tokens for up to D busy slots (the
 sampler's ``decode_rows``; D = B by default; a call runs its busy slots' rows only, so idle
-slots cost nothing, and ends early once an eighth of its rows have finished); between chunks
+slots cost nothing, and ends early once a few of its rows have finished); between chunks
 the host retires the replies that ended (each goes to its environment at once, on the pool, while decoding goes on) and refills
 the decode rows with pending work: the next step of a trajectory whose environment has
 answered, in its own slot (a trajectory keeps its slot, and so its cache, for its whole

@@ -85,9 +85,10 @@ class Sampler:
     each call draws at most `chunk` tokens of every active slot's reply, with the slot's own
     reply key, so a reply cut into chunks is the one `step` draws; only the slots starting a
     reply are prefilled (`steppo_jax.sampling.slots`), and only the busy slots decode (their
-    count rounded up to an eighth of `decode_rows`, `StepOutput.rows`); a call ends early once
-    an eighth of its rows have finished, so the caller can refill them or run fewer rows
-    (`warm_up` compiles every shape a call can take). With `decode_rows` <
+    count rounded up to a multiple of `decode_rows / decode_widths`, `StepOutput.rows`: at most
+    `decode_widths` compiled widths); a call ends early once that many of its rows have
+    finished, so the caller can refill them or run fewer rows (`warm_up` compiles every shape a
+    call can take). With `decode_rows` <
     `batch_size` the cache holds more conversations than a call decodes: a call's at most `decode_rows`
     active rows are gathered out of the cache and written back (a decode costs its busy rows,
     whatever the cache holds).
@@ -100,9 +101,11 @@ class Sampler:
     def __init__(self, model, *, batch_size: int, capacity: int, max_new_tokens: int,
                  sampling: SamplingParams = SamplingParams(), max_stop_ids: int = 8,
                  mesh: jax.sharding.Mesh | None = None, first_row: int = 0, prefill_chunk: int = 1024,
-                 decode_rows: int | None = None):
+                 decode_rows: int | None = None, decode_widths: int = 16):
         if decode_rows is not None and not 1 <= decode_rows <= batch_size:
             raise ValueError(f"decode_rows={decode_rows} must be in [1, batch_size={batch_size}]")
+        if decode_widths < 1:
+            raise ValueError(f"decode_widths={decode_widths} must be >= 1")
         self.decode_rows = batch_size if decode_rows is None else decode_rows
         self.graphdef, params = nnx.split(model)
         self._weights = (params, 0)  # (params, policy version): swapped together, read together
@@ -110,8 +113,8 @@ class Sampler:
         self.batch_size, self.capacity, self.first_row = batch_size, capacity, first_row
         self.max_new_tokens, self.sampling, self.max_stop_ids = max_new_tokens, sampling, max_stop_ids
         self.mesh, self.config = mesh, model.config
-        shards = batch_shards(mesh)  # decode widths: multiples of an eighth of decode_rows and of the shards
-        self._width_step = -(-max(1, self.decode_rows // 8) // shards) * shards
+        shards = batch_shards(mesh)  # decode widths: multiples of decode_rows / decode_widths and of the shards
+        self._width_step = -(-max(1, self.decode_rows // decode_widths) // shards) * shards
         self.state = None  # the KV cache, allocated by the first step
         self._lengths = np.zeros(batch_size, np.int64)  # host mirror: cached + pending tokens
 
@@ -321,10 +324,10 @@ class Sampler:
         return min(bucket(starting, 1), self.batch_size)
 
     def _decode_width(self, busy: int) -> int:
-        """Rows a decode call runs for ``busy`` slots: rounded up to an eighth of `decode_rows`
-        (a multiple of the mesh's batch shards), at most `decode_rows`. So a call with few busy
-        slots (slots waiting on their environments, the end of a collect) decodes few rows,
-        out of 8 compiled widths."""
+        """Rows a decode call runs for ``busy`` slots: rounded up to a multiple of
+        `decode_rows / decode_widths` (and of the mesh's batch shards), at most `decode_rows`.
+        So a call with few busy slots (slots waiting on their environments, the end of a
+        collect) decodes few rows, out of at most `decode_widths` compiled widths."""
         return min(self.decode_rows, -(-busy // self._width_step) * self._width_step)
 
     def _check_room(self, rows, lengths: np.ndarray, lens: np.ndarray) -> None:

@@ -175,7 +175,12 @@ class RolloutSection:
     """``slots``: replies decoded at once (each sampler call gathers its busy slots' caches
     into these rows and writes them back); 0 = every slot. Fewer rows than slots keep the
     rows busy while trajectories wait on their environments, their caches parked in their
-    slots; a call costs ``decode_rows`` rows."""
+    slots; a call costs its busy rows."""
+    decode_widths: int = 16
+    """``slots``: compiled decode widths: a call decodes its busy slots rounded up to a
+    multiple of ``decode_rows / decode_widths`` rows, and ends once that many rows have
+    finished their replies. More widths pad less, at more compiled programs (each width
+    once per attention span)."""
 
 
 @dataclass(frozen=True)
@@ -410,7 +415,7 @@ def _get(cfg: Config, path: str) -> Any:
 _AT_LEAST_ONE = (
     "model.d_model", "model.attention_block", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.d_ff",
     "env.max_steps", "env.eval_tasks", "env.workers", "rollout.group_size", "rollout.tasks_per_iter",
-    "rollout.max_new_tokens", "rollout.max_context", "rollout.prefill_chunk", "rollout.decode_chunk", "optim.epochs", "optim.minibatches", "optim.logprob_chunk",
+    "rollout.max_new_tokens", "rollout.max_context", "rollout.prefill_chunk", "rollout.decode_chunk", "rollout.decode_widths", "optim.epochs", "optim.minibatches", "optim.logprob_chunk",
     "train.checkpoint_every", "train.eval_every", "train.keep_checkpoints",
     "sft.batch_size", "sft.num_demos", "mesh.fsdp", "mesh.tensor",
 )

@@ -139,7 +139,7 @@ class Runtime:
             decode_rows = fit(r.decode_rows) if r.decode_rows else None
         return Sampler(model, batch_size=batch_size, capacity=r.max_context, max_new_tokens=r.max_new_tokens,
                        sampling=sampling, mesh=self.sample_mesh, first_row=first_row,
-                       prefill_chunk=r.prefill_chunk, decode_rows=decode_rows)
+                       prefill_chunk=r.prefill_chunk, decode_rows=decode_rows, decode_widths=r.decode_widths)
 
     def to_sample_mesh(self, params):
         """The sampler's copy of policy ``params`` (train mesh): in the compute dtype, laid out
