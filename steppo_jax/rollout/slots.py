@@ -4,11 +4,11 @@ Each slot of the sampler is an independent conversation with its own KV region. 
 call (``Sampler.decode``) draws a chunk of at most K tokens for up to D busy slots (the
 sampler's ``decode_rows``; D = B by default; a call runs its busy slots' rows only, so idle
 slots cost nothing, and ends early once a few of its rows have finished); between chunks
-the host retires the replies that ended (each goes to its environment at once, on the pool, while decoding goes on) and refills
-the decode rows with pending work: the next step of a trajectory whose environment has
-answered, in its own slot (a trajectory keeps its slot, and so its cache, for its whole
-episode: only the observation is prefilled), and new trajectories, each into an empty slot or
-one whose trajectory has ended. With more trajectories than slots, new ones wait for a slot.
+the host retires the replies that ended (each goes to its environment at once, on the pool,
+while decoding goes on) and refills the decode rows with pending work: the next step of a
+trajectory whose environment has answered, in its own slot (a trajectory keeps its slot, and
+so its cache, for its whole episode: only the observation is prefilled), and new
+trajectories, each into an empty slot or one whose trajectory has ended. With more trajectories than slots, new ones wait for a slot.
 A slot whose trajectory waits on its environment keeps its cache; with D < B its decode row
 serves another slot meanwhile (the call gathers the D busy slots out of the cache), so more
 slots than decode rows keep every row busy, at the memory of B caches.

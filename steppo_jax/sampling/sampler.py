@@ -265,7 +265,8 @@ class Sampler:
 
     def _prefill(self, params, rows, starting, tok, lens, reset, stops, keys) -> Generation:
         """One `prefill_slots` call on the distinct cache rows ``rows`` [P] (host arrays; stops
-        and keys: device arrays of those rows)."""
+        and keys: device arrays of those rows). Its attention reads the whole cache: a call
+        prefills few rows, and the programs stay few (no span bucket)."""
         # host arrays are cast on the host: a cast on the device under a mesh commits its
         # output, and a committed argument would compile a program of its own
         self.state, out = jit_prefill_slots(
