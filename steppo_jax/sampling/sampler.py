@@ -223,7 +223,7 @@ class Sampler:
         lens = np.array([len(t) if t is not None else 0 for t in new_tokens])
         lengths = np.where(starting & np.asarray(reset, bool), 0, self._lengths)
         self._check_room(np.flatnonzero(starting), lengths, lens)
-        stops = jnp.asarray(self._stop_array(stop_ids))
+        stops = self._stop_array(stop_ids)  # host: each call sends its rows' ids
         tokens, logprobs = [[] for _ in range(b)], [np.zeros(0, np.float32) for _ in range(b)]
         stopped = np.zeros(b, bool)
         slot_steps, ran = 0, 0  # ran: the decode's rows
@@ -264,25 +264,25 @@ class Sampler:
                           slot_steps=slot_steps)
 
     def _prefill(self, params, rows, starting, tok, lens, reset, stops, keys) -> Generation:
-        """One `prefill_slots` call on the distinct cache rows ``rows`` [P] (host arrays; stops
-        and keys: device arrays of those rows). Its attention reads the whole cache: a call
+        """One `prefill_slots` call on the distinct cache rows ``rows`` [P] (host arrays, stops
+        [P, S] too; keys: the device keys of those rows). Its attention reads the whole cache: a call
         prefills few rows, and the programs stay few (no span bucket)."""
         # host arrays are cast on the host: a cast on the device under a mesh commits its
         # output, and a committed argument would compile a program of its own
         self.state, out = jit_prefill_slots(
-            self.graphdef, params, self.state, *map(_device, (rows, starting, tok, lens, reset)), stops, keys,
+            self.graphdef, params, self.state, *map(_device, (rows, starting, tok, lens, reset, stops)), keys,
             sampling=self.sampling, prefill_chunk=self.prefill_chunk)
         return out
 
     def _decode(self, params, rows, budget, stops, keys, offsets, chunk: int, span: int) -> Generation:
         """One `decode_slots` call on the distinct cache rows ``rows`` [W] (all B in order: slot
-        p is row p, no gather), each drawing at most budget [W] tokens; stops, keys: [B]."""
+        p is row p, no gather), each drawing at most budget [W] tokens; stops [B, S] (host) and
+        keys [B] (device) of every row."""
         gather = None if rows.size == self.batch_size else _device(rows)
-        pick = (lambda x: x) if gather is None else (lambda x: x[rows])
         self.state, out = jit_decode_slots(
-            self.graphdef, params, self.state, _device(budget > 0), pick(stops), pick(keys), _device(offsets),
-            _device(budget), gather, _device(max(rows.size - self._width_step, 0)), chunk=chunk,
-            sampling=self.sampling, span=span)
+            self.graphdef, params, self.state, _device(budget > 0), _device(stops[rows]),
+            keys if gather is None else keys[rows], _device(offsets), _device(budget), gather,
+            _device(max(rows.size - self._width_step, 0)), chunk=chunk, sampling=self.sampling, span=span)
         return out
 
     def warm_up(self, chunk: int) -> int:
@@ -297,7 +297,7 @@ class Sampler:
         if self.state is None:
             self._allocate()
         b, cap = self.batch_size, self.capacity
-        stops = jnp.asarray(np.full((b, self.max_stop_ids), -1, np.int32))
+        stops = np.full((b, self.max_stop_ids), -1, np.int32)
         keys = reply_keys(jax.random.key(0), jnp.zeros(b, jnp.int32), jnp.arange(b))
         spans = sorted({min(cap, bucket(n, 128)) for n in range(1, cap + 1)})
         widths = sorted({self._decode_width(n) for n in range(1, self.decode_rows + 1)})
@@ -312,9 +312,8 @@ class Sampler:
                     jax.block_until_ready(self._decode(params, rows, zero, stops, keys, zero, chunk, span))
                     count += 1
             for size in sizes:
-                rows = np.arange(size)
+                rows, none = np.arange(size), np.zeros(size, bool)
                 for width in prefills:
-                    none = np.zeros(size, bool)
                     jax.block_until_ready(self._prefill(params, rows, none, np.zeros((size, width - 1), np.int32),
                                                         np.zeros(size), none, stops[rows], keys[rows]))
                     count += 1
