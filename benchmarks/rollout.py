@@ -17,7 +17,9 @@ cache (3x the synchronous engine's KV memory) and decodes as many rows as it doe
 environment step first sleeps a log-normal time (median 50 ms, p99 1 s; the
 k-th environment built draws the same times under both engines). Reports per engine
 environment steps/s, generated tokens/s, the time split (sampler, waiting for environments,
-host glue) and the slot utilisation (useful decoded tokens / slot-steps); the ratios are
+host glue), the slot utilisation (useful decoded tokens / slot-steps) and the share of the
+environment pool's capacity it uses (the least time its steps' sleeps could take on the
+pool's threads / its wall time: 100% = the environments are the bottleneck); the ratios are
 ``env_steps_speedup`` (slots / synchronous) and the utilisations. With ``--end-to-end``, also
 trains the demo (``--config``) for ``--iterations`` iterations with each seed of
 ``--seeds``, synchronously (``rollout.max_staleness: 0``) and asynchronously (1, with
@@ -62,44 +64,51 @@ class LatencyEnv:
     """An environment whose every step first sleeps a log-normal time of the given median and
     99th percentile, drawn from ``seed`` (the rest is the wrapped environment's)."""
 
-    def __init__(self, env, seed: int, median_s: float = 0.05, p99_s: float = 1.0):
+    def __init__(self, env, seed: int, median_s: float = 0.05, p99_s: float = 1.0, slept: list | None = None):
         self.env, self.name, self.max_steps = env, env.name, env.max_steps
         self.rng = np.random.default_rng(seed)
         self.mu, self.sigma = math.log(median_s), math.log(p99_s / median_s) / P99_Z
+        self.slept = slept if slept is not None else [0.0]  # seconds slept, summed over the envs sharing it
 
     def reset(self, task_id, seed):
         return self.env.reset(task_id, seed)
 
     def step(self, action_text):
-        time.sleep(self.rng.lognormal(self.mu, self.sigma))
+        pause = self.rng.lognormal(self.mu, self.sigma)
+        self.slept[0] += pause  # one float add under the GIL: safe across the pool's threads
+        time.sleep(pause)
         return self.env.step(action_text)
 
 
 def latency_factory(make_env, median_s: float, p99_s: float):
-    """Builds ``LatencyEnv``s, the k-th with seed k (``reset_count`` starts it again at 0)."""
-    count = [0]
+    """Builds ``LatencyEnv``s, the k-th with seed k (``reset_count`` starts it again at 0);
+    ``factory.slept[0]``: the seconds all of them have slept."""
+    count, slept = [0], [0.0]
 
     def factory():
         count[0] += 1
-        return LatencyEnv(make_env(), count[0], median_s, p99_s)
+        return LatencyEnv(make_env(), count[0], median_s, p99_s, slept)
 
     factory.reset_count = lambda: count.__setitem__(0, 0)
+    factory.slept = slept
     return factory
 
 
 def measure(engines: dict, tasks, group_size: int, rounds: int, depth: int, factory) -> dict:
     """Rolls out ``rounds`` rounds of ``depth`` batches with each engine (alternating): the
     synchronous engine one batch per ``collect``, the slot engine a round's batches in one
-    (trajectories queue for slots). Per engine its timings, records and wall time."""
-    out = {name: dict(timings=RolloutTimings(), records=[], wall=0.0) for name in engines}
+    (trajectories queue for slots). Per engine its timings, records, wall time and the seconds
+    its environments slept."""
+    out = {name: dict(timings=RolloutTimings(), records=[], wall=0.0, slept=0.0) for name in engines}
     for i in range(rounds):
         batches = [tasks(1 + i * depth + j) for j in range(depth)]
         for name, engine in engines.items():
             factory.reset_count()
-            t0 = time.perf_counter()
+            t0, slept = time.perf_counter(), factory.slept[0]
             for work in ([sum(batches, [])] if name == "slots" else batches):
                 out[name]["records"] += engine.collect(work, group_size, jax.random.key(i), out[name]["timings"])
             out[name]["wall"] += time.perf_counter() - t0
+            out[name]["slept"] += factory.slept[0] - slept
     return out
 
 
@@ -108,11 +117,15 @@ def compile_count() -> int:
     return sum(f._cache_size() for f in (jit_generate, jit_decode_slots, jit_prefill_slots))
 
 
-def summary(m: dict) -> dict:
+def summary(m: dict, workers: int) -> dict:
+    """An engine's rates; ``pool_bound_share``: the least time its environment steps could
+    take on the pool's ``workers`` threads (their slept seconds / workers) over its wall time,
+    i.e. how close it runs to the pool's capacity (1: the environments are the bottleneck)."""
     records, wall, t = m["records"], m["wall"], m["timings"]
     steps = sum(r.num_steps for r in records)
     generated = sum(e - s for r in records for s, e in r.step_spans)
     return dict(trajectories=len(records), env_steps=steps, generated_tokens=generated, wall_s=wall,
+                env_slept_s=m["slept"], pool_bound_share=m["slept"] / workers / wall,
                 env_steps_per_s=steps / wall, generated_tokens_per_s=generated / wall,
                 slot_utilisation=t.slot_utilisation,
                 time_split={"sampler": t.sampler_s / wall, "env_wait": t.env_s / wall, "glue": t.glue_s / wall},
@@ -200,7 +213,7 @@ def main():
     compiled = compile_count()
     load = os.getloadavg()[0]
     measured = measure(engines, tasks, r.group_size, args.rounds, args.depth, factory)
-    runs = {name: summary(m) for name, m in measured.items()}
+    runs = {name: summary(m, rt.pool.num_workers) for name, m in measured.items()}
     compiled = compile_count() - compiled
     sync, slot = runs["sync"], runs["slots"]
     records = measured["sync"]["records"]
@@ -224,7 +237,8 @@ def main():
     for name, run in runs.items():
         print(f"{name:>5}: {run['trajectories']} trajectories, {run['env_steps']} env steps in {run['wall_s']:.2f}s: "
               f"{run['env_steps_per_s']:.1f} env steps/s, {run['generated_tokens_per_s']:.0f} tokens/s, "
-              f"slot utilisation {run['slot_utilisation']:.1%}; "
+              f"slot utilisation {run['slot_utilisation']:.1%}, {run['pool_bound_share']:.0%} of the "
+              f"environment pool's capacity; "
               + ", ".join(f"{k} {v:.0%}" for k, v in run["time_split"].items()))
     print(f"env steps/s: slots / sync = x{result['env_steps_speedup']:.2f}; "
           f"slot utilisation {slot['slot_utilisation']:.1%} (sync {sync['slot_utilisation']:.1%}); "

@@ -125,13 +125,25 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
-def take_rows(table: jax.Array, ids: jax.Array, out_names: Sequence[str | None]) -> jax.Array:
-    """table[ids] (an embedding lookup) whose result has the sharding of logical `out_names`."""
+def take_rows(table: jax.Array, ids: jax.Array | tuple, out_names: Sequence[str | None]) -> jax.Array:
+    """table[ids] (an embedding lookup; ``ids`` may be a tuple of index arrays over the
+    leading axes) whose result has the sharding of logical `out_names`."""
     mesh = jax.sharding.get_abstract_mesh()
+    index = ids if isinstance(ids, tuple) else (ids,)
     if mesh.empty or not all(t == AxisType.Explicit for t in mesh.axis_types):
-        return constrain(jnp.take(table, ids, axis=0), out_names)
-    shape = ids.shape + table.shape[1:]
-    return table.at[ids].get(out_sharding=logical_spec(out_names, shape, mesh))
+        return constrain(jnp.take(table, ids, axis=0) if index is not ids else table[index], out_names)
+    shape = jnp.broadcast_shapes(*(jnp.shape(i) for i in index)) + table.shape[len(index):]
+    return table.at[index].get(out_sharding=logical_spec(out_names, shape, mesh))
+
+
+def put_rows(x: jax.Array, index: tuple, update: jax.Array, update_names: Sequence[str | None],
+             mode: str | None = None) -> jax.Array:
+    """``x.at[index].set(update, mode=mode)`` (``index``: index arrays over x's leading axes),
+    keeping x's sharding. Under a mesh the update takes logical ``update_names`` (a scatter
+    wants it unsharded over the indexed rows) and the output x's sharding, named."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return x.at[index].set(update, mode=mode)
+    return x.at[index].set(constrain(update, update_names), mode=mode, out_sharding=jax.typeof(x).sharding.spec)
 
 
 def einsum(eq: str, a: jax.Array, b: jax.Array, out_names: Sequence[str | None],

@@ -45,6 +45,22 @@ def test_cpu_devices_json():
     assert math.isclose(report["programs"]["update"]["flops"], 1.5 * report["programs"]["score"]["flops"])
 
 
+def test_slot_engine_programs():
+    """With ``rollout.engine: slots`` the sampler entries are the slot engine's prefill and
+    decode over a cache of ``rollout.slots`` rows, the decode gathering ``decode_rows`` of them."""
+    proc = steppo_plan("--cpu-devices", "2", "--json", "--programs", "prefill,decode", *TINY, "rollout.engine=slots",
+                       "rollout.decode_rows=2")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert set(report["programs"]) == {"prefill", "decode"} and report["fits"] is True
+    shapes = report["shapes"]
+    assert (shapes["cache_rows"], shapes["decode_rows"]) == (4, 2)
+    # decode: 1 width (2 rows) x 1 span (128); prefill: 2 row counts (1, 2) x 5 widths (8 .. 128)
+    assert shapes["slot_programs"] == 1 + 2 * 5
+    for row in report["programs"].values():
+        assert row["argument_bytes"] > 0 and row["peak_bytes"] > 0 and row["flops"] > 0
+
+
 def test_tpu_topology_with_only_a_config_json(tmp_path):
     """An HF model directory holding nothing but config.json plans on a v5e-4 (4 chips)."""
     config = {"model_type": "qwen3", "vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 1,

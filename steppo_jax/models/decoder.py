@@ -107,7 +107,7 @@ class Decoder(nnx.Module):
         return jnp.einsum("...d,dv->...v", h, self.lm_weight(h.dtype), preferred_element_type=jnp.float32)
 
     # -- cached forward (sampling) -------------------------------------------------------------
-    def extend(self, tokens, positions, valid, kv, span: int | None = None):
+    def extend(self, tokens, positions, valid, kv, span: int | None = None, rows=None):
         """Appends tokens to a KV cache and returns their hidden states.
 
         tokens, positions [B,T] int32; valid [B,T] bool; kv: (k, v), each [B,L,C,K,hd] (see
@@ -115,7 +115,9 @@ class Decoder(nnx.Module):
         valid (invalid ones are dropped), then attends to slots <= its position. The caller keeps
         every slot below a row's new positions filled. `span` (static, default C): attend over
         slots [0, span) only, which must cover every position in this call; it saves reading the
-        cache's unused tail. Returns (hidden [B,T,D], kv).
+        cache's unused tail. ``rows`` [B] (distinct, optional): the tokens' rows are these rows
+        of a larger cache [B', L, C, K, hd], read and written in place a layer at a time (no
+        copy of their caches); None: row b is cache row b. Returns (hidden [B,T,D], kv).
         """
         cap = kv[0].shape[2]
         slots = jnp.where(valid, positions, cap)
@@ -125,7 +127,7 @@ class Decoder(nnx.Module):
 
         def body(carry, layer):
             x, kv, i = carry
-            x, kv = nnx.merge(graphdef, layer).extend(x, cos, sin, kv, i, slots, positions, span or cap)
+            x, kv = nnx.merge(graphdef, layer).extend(x, cos, sin, kv, i, slots, positions, span or cap, rows)
             return (x, kv, i + 1), None
 
         (x, kv, _), _ = jax.lax.scan(body, (x, kv, jnp.zeros((), jnp.int32)), stacked)

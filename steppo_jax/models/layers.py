@@ -17,7 +17,7 @@ from flax import nnx
 from steppo_jax.models import attention
 from steppo_jax.models.config import ModelConfig
 from steppo_jax.models.rope import apply_rope
-from steppo_jax.sharding import constrain, einsum
+from steppo_jax.sharding import constrain, einsum, put_rows, take_rows
 
 ACT = ("batch", "length", None)  # logical axes of a [B, T, D] activation
 HEADS = ("batch", "length", "heads", None)
@@ -113,15 +113,24 @@ class Attention(nnx.Module):
                                      impl=self.cfg.attention, block=self.cfg.attention_block)
         return self._out(y)
 
-    def extend(self, x, cos, sin, cache, layer, slots, positions, span: int):
+    def extend(self, x, cos, sin, cache, layer, slots, positions, span: int, rows=None):
         """Cached attention: this call's keys/values are written into layer `layer` of the
         stacked cache (k, v) [B,L,C,K,hd] at `slots` [B,T] (out-of-range slots are dropped),
-        then queries at `positions` [B,T] attend over cache slots [0, span).
-        Returns (y [B,T,D], cache)."""
+        then queries at `positions` [B,T] attend over cache slots [0, span). `rows` [B]
+        (distinct, optional): x's rows are these rows of the cache (a gather of this layer's
+        slots, a scatter of the new ones). Returns (y [B,T,D], cache)."""
         q, k, v = self._qkv(x, cos, sin)
-        cache = tuple(_write(c, layer, slots, new) for c, new in zip(cache, (k, v)))
-        k, v = (jax.lax.dynamic_index_in_dim(c, layer, axis=1, keepdims=False)[:, :span].astype(x.dtype)
-                for c in cache)
+        if rows is None:
+            cache = tuple(_write(c, layer, slots, new) for c, new in zip(cache, (k, v)))
+            k, v = (jax.lax.dynamic_index_in_dim(c, layer, axis=1, keepdims=False)[:, :span].astype(x.dtype)
+                    for c in cache)
+        else:
+            at = (rows[:, None], layer)
+            cache = tuple(put_rows(c, at + (slots,), new.astype(c.dtype), (None, None, "kv_heads", "head_dim"),
+                                   mode="drop") for c, new in zip(cache, (k, v)))
+            window = at + (jnp.arange(span)[None],)
+            k, v = (take_rows(c, window, ("batch", "length", "kv_heads", "head_dim")).astype(x.dtype)
+                    for c in cache)
         y = attention.cached_attention(q, k, v, q_pos=positions, impl=self.cfg.attention,
                                        block=self.cfg.attention_block)
         return self._out(y), cache
@@ -175,7 +184,7 @@ class Block(nnx.Module):
         x = constrain(x + self.attn(self.attn_norm(x), cos, sin, segment_ids, valid), ACT)
         return constrain(x + self.mlp(self.mlp_norm(x)), ACT)
 
-    def extend(self, x, cos, sin, cache, layer, slots, positions, span: int):
-        a, cache = self.attn.extend(self.attn_norm(x), cos, sin, cache, layer, slots, positions, span)
+    def extend(self, x, cos, sin, cache, layer, slots, positions, span: int, rows=None):
+        a, cache = self.attn.extend(self.attn_norm(x), cos, sin, cache, layer, slots, positions, span, rows)
         x = constrain(x + a, ACT)
         return constrain(x + self.mlp(self.mlp_norm(x)), ACT), cache

@@ -60,10 +60,11 @@ def _fold_in(keys: jax.Array, i) -> jax.Array:
     return jax.vmap(jax.random.fold_in, (0, None))(keys, i)
 
 
-def _prefill(model, tokens, lengths, count, kv, span, chunk: int):
+def _prefill(model, tokens, lengths, count, kv, span, chunk: int, rows=None):
     """Writes row b's first count[b] ``tokens`` [B, N] into the cache at positions lengths[b]..,
     ``chunk`` tokens at a time (N a multiple of it, or N <= chunk), so activations stay
-    [B, chunk, ...] however long the prompt. Returns (hidden of each row's last token [B, D], kv)."""
+    [B, chunk, ...] however long the prompt; ``rows`` [B] (optional): the cache rows they are
+    (see ``Decoder.extend``). Returns (hidden of each row's last token [B, D], kv)."""
     b, n = tokens.shape
     c = min(chunk, n)
     offsets = jnp.arange(n, dtype=jnp.int32).reshape(n // c, c)
@@ -71,7 +72,7 @@ def _prefill(model, tokens, lengths, count, kv, span, chunk: int):
     def one(carry, off):  # off [c]: this chunk's offsets
         last, kv = carry
         tok = jax.lax.dynamic_slice_in_dim(tokens, off[0], c, axis=1)
-        h, kv = model.extend(tok, lengths[:, None] + off, off < count[:, None], kv, span)
+        h, kv = model.extend(tok, lengths[:, None] + off, off < count[:, None], kv, span, rows)
         i = count - 1 - off[0]  # the row's last token, if it falls in this chunk
         here = (i >= 0) & (i < c)
         pick = jax.vmap(lambda x, j: x[j])(h, jnp.clip(i, 0, c - 1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import NamedTuple, Sequence
 
 import jax
@@ -25,6 +26,57 @@ def prefill_width(n: int, chunk: int) -> int:
     """Tokens a call prefills for ``n`` (the longest row's new tokens + its pending token): a
     power of two up to ``chunk``, then a multiple of ``chunk`` (prefilled a chunk at a time)."""
     return bucket(n) if n <= chunk else -(-n // chunk) * chunk
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotShapes:
+    """The shapes of the slot engine's sampler calls (`Sampler.decode`), so that its programs
+    can be listed ahead of running them (`Sampler.warm_up`, `steppo plan`).
+
+    A decode runs a call's busy slots rounded up to a multiple of ``width_step`` (at most
+    ``decode_rows``) and attends over a span (a power of two >= 128, at most ``capacity``); a
+    prefill runs its starting slots rounded up to a power of two (at most ``batch_size``) at a
+    prefill width (`prefill_width`)."""
+
+    batch_size: int
+    decode_rows: int
+    width_step: int
+    capacity: int
+    max_new_tokens: int
+    prefill_chunk: int
+
+    @classmethod
+    def create(cls, *, batch_size: int, decode_rows: int, decode_widths: int, shards: int, capacity: int,
+               max_new_tokens: int, prefill_chunk: int) -> SlotShapes:
+        """Decode widths: multiples of ``decode_rows / decode_widths`` and of the ``shards``."""
+        step = -(-max(1, decode_rows // decode_widths) // shards) * shards
+        return cls(batch_size, decode_rows, step, capacity, max_new_tokens, prefill_chunk)
+
+    def decode_width(self, busy: int) -> int:
+        """Rows a decode call runs for ``busy`` slots. So a call with few busy slots (slots
+        waiting on their environments, the end of a collect) decodes few rows."""
+        return min(self.decode_rows, -(-busy // self.width_step) * self.width_step)
+
+    def prefill_rows(self, starting: int) -> int:
+        """Rows a prefill call runs for ``starting`` slots."""
+        return min(bucket(starting, 1), self.batch_size)
+
+    def span(self, reach: int) -> int:
+        """The cache prefix a decode reaching position ``reach`` attends over."""
+        return min(self.capacity, bucket(reach, 128))
+
+    def decode_programs(self) -> list[tuple[int, int]]:
+        """Every (rows, span) a decode can run."""
+        widths = sorted({self.decode_width(n) for n in range(1, self.decode_rows + 1)})
+        spans = sorted({self.span(n) for n in range(1, self.capacity + 1)})
+        return [(w, s) for s in spans for w in widths]
+
+    def prefill_programs(self) -> list[tuple[int, int]]:
+        """Every (rows, width) a prefill can run (width: new tokens + the pending one)."""
+        sizes = sorted({self.prefill_rows(n) for n in range(1, self.decode_rows + 1)})
+        widths = sorted({prefill_width(n + 1, self.prefill_chunk)
+                         for n in range(1, self.capacity - self.max_new_tokens + 1)})
+        return [(r, w) for r in sizes for w in widths]
 
 
 @jax.jit
@@ -113,8 +165,9 @@ class Sampler:
         self.batch_size, self.capacity, self.first_row = batch_size, capacity, first_row
         self.max_new_tokens, self.sampling, self.max_stop_ids = max_new_tokens, sampling, max_stop_ids
         self.mesh, self.config = mesh, model.config
-        shards = batch_shards(mesh)  # decode widths: multiples of decode_rows / decode_widths and of the shards
-        self._width_step = -(-max(1, self.decode_rows // decode_widths) // shards) * shards
+        self.shapes = SlotShapes.create(batch_size=batch_size, decode_rows=self.decode_rows,
+                                        decode_widths=decode_widths, shards=batch_shards(mesh), capacity=capacity,
+                                        max_new_tokens=max_new_tokens, prefill_chunk=prefill_chunk)
         self.state = None  # the KV cache, allocated by the first step
         self._lengths = np.zeros(batch_size, np.int64)  # host mirror: cached + pending tokens
 
@@ -167,7 +220,7 @@ class Sampler:
         self._check_room(np.flatnonzero(active), lengths, lens)
         # attend only over the cache prefix this call can reach (power-of-two buckets, >= 128)
         reach = int(np.max(np.where(active, lengths + lens + 1 + self.max_new_tokens, 1)))
-        span = min(self.capacity, bucket(reach, 128))
+        span = self.shapes.span(reach)
         # width + 1 (with the pending token generate prepends) is a power of two or a multiple
         # of the prefill chunk
         tok = np.zeros((b, prefill_width(int(lens.max(initial=0)) + 1, self.prefill_chunk) - 1), np.int32)
@@ -231,7 +284,7 @@ class Sampler:
             widths = {r: prefill_width(int(lens[r]) + 1, self.prefill_chunk) for r in np.flatnonzero(starting)}
             for width in sorted(set(widths.values())):  # one prefill per width: short ones pad little
                 first = np.array([r for r, w in widths.items() if w == width])
-                size = self._prefill_rows(first.size)  # distinct rows: the starting ones, then others
+                size = self.shapes.prefill_rows(first.size)  # distinct rows: the starting ones, then others
                 rows = np.concatenate([first, np.setdiff1d(np.arange(b), first)[:size - first.size]])
                 tok = np.zeros((size, width - 1), np.int32)
                 for p, r in enumerate(first):
@@ -247,11 +300,11 @@ class Sampler:
             if budget.max() > 0:
                 reach = int(np.max(np.where(budget > 0, lengths + lens + drawn + budget, 1)))
                 busy = np.flatnonzero(budget > 0)
-                ran = self._decode_width(busy.size)
+                ran = self.shapes.decode_width(busy.size)
                 # the busy rows first, then other distinct rows as padding (all rows: no gather)
                 rows = np.arange(b) if ran == b else np.concatenate([busy, np.setdiff1d(np.arange(b), busy)])[:ran]
                 out = self._decode(params, rows, budget[rows], stops, keys, offsets[rows] + drawn[rows], chunk,
-                                   span=min(self.capacity, bucket(reach, 128)))
+                                   span=self.shapes.span(reach))
                 more, lp, n, stop = jax.device_get(tuple(out))
                 slot_steps += ran * int(n.max())
                 for p, r in enumerate(rows):
@@ -282,53 +335,31 @@ class Sampler:
         self.state, out = jit_decode_slots(
             self.graphdef, params, self.state, _device(budget > 0), _device(stops[rows]),
             keys if gather is None else keys[rows], _device(offsets), _device(budget), gather,
-            _device(max(rows.size - self._width_step, 0)), chunk=chunk, sampling=self.sampling, span=span)
+            _device(max(rows.size - self.shapes.width_step, 0)), chunk=chunk, sampling=self.sampling, span=span)
         return out
 
     def warm_up(self, chunk: int) -> int:
-        """Compiles every program `decode` with ``chunk`` can run, by running each shape once
-        with no row busy: each decode width (`_decode_width`) at each attention span, each
-        prefill row count at each prefill width. A later `decode` compiles nothing, so a
-        measurement (or a run's first iterations) sees steady-state calls only. Returns the
-        number of programs run; the cache keeps its contents."""
+        """Compiles every program `decode` with ``chunk`` can run (`SlotShapes`), by running
+        each shape once with no row busy. A later `decode` compiles nothing, so a measurement
+        (or a run's first iterations) sees steady-state calls only. Returns the number of
+        programs run; the cache keeps its contents."""
         params = self._weights[0]
         if params is None:
             raise ValueError("the sampler was released: set_params before warm_up")
         if self.state is None:
             self._allocate()
-        b, cap = self.batch_size, self.capacity
-        stops = np.full((b, self.max_stop_ids), -1, np.int32)
-        keys = reply_keys(jax.random.key(0), jnp.zeros(b, jnp.int32), jnp.arange(b))
-        spans = sorted({min(cap, bucket(n, 128)) for n in range(1, cap + 1)})
-        widths = sorted({self._decode_width(n) for n in range(1, self.decode_rows + 1)})
-        sizes = sorted({self._prefill_rows(n) for n in range(1, self.decode_rows + 1)})
-        prefills = sorted({prefill_width(n + 1, self.prefill_chunk) for n in range(1, cap - self.max_new_tokens + 1)})
-        count = 0
+        stops = np.full((self.batch_size, self.max_stop_ids), -1, np.int32)
+        keys = reply_keys(jax.random.key(0), jnp.zeros(self.batch_size, jnp.int32), jnp.arange(self.batch_size))
+        decodes, prefills = self.shapes.decode_programs(), self.shapes.prefill_programs()
         with self._mesh_ctx():
-            for span in spans:
-                for width in widths:
-                    rows = np.arange(width)
-                    zero = np.zeros(width, np.int32)
-                    jax.block_until_ready(self._decode(params, rows, zero, stops, keys, zero, chunk, span))
-                    count += 1
-            for size in sizes:
+            for width, span in decodes:
+                rows, zero = np.arange(width), np.zeros(width, np.int32)
+                jax.block_until_ready(self._decode(params, rows, zero, stops, keys, zero, chunk, span))
+            for size, width in prefills:
                 rows, none = np.arange(size), np.zeros(size, bool)
-                for width in prefills:
-                    jax.block_until_ready(self._prefill(params, rows, none, np.zeros((size, width - 1), np.int32),
-                                                        np.zeros(size), none, stops[rows], keys[rows]))
-                    count += 1
-        return count
-
-    def _prefill_rows(self, starting: int) -> int:
-        """Rows a prefill call runs for ``starting`` slots: the next power of two, at most B."""
-        return min(bucket(starting, 1), self.batch_size)
-
-    def _decode_width(self, busy: int) -> int:
-        """Rows a decode call runs for ``busy`` slots: rounded up to a multiple of
-        `decode_rows / decode_widths` (and of the mesh's batch shards), at most `decode_rows`.
-        So a call with few busy slots (slots waiting on their environments, the end of a
-        collect) decodes few rows, out of at most `decode_widths` compiled widths."""
-        return min(self.decode_rows, -(-busy // self._width_step) * self._width_step)
+                jax.block_until_ready(self._prefill(params, rows, none, np.zeros((size, width - 1), np.int32),
+                                                    np.zeros(size), none, stops[rows], keys[rows]))
+        return len(decodes) + len(prefills)
 
     def _check_room(self, rows, lengths: np.ndarray, lens: np.ndarray) -> None:
         """Each of ``rows`` has context to decode from and room for a whole reply."""

@@ -2,9 +2,10 @@
 
 Two programs per chunk of a continuous batch (``Sampler.decode``):
 
-- ``prefill_slots`` starts replies in P of the B slots: it gathers only those slots' caches,
-  prefills their new tokens (after the slot's pending token, if any) and samples each one's
-  first token, so its cost is P x the new tokens, not B x. The token becomes the slot's
+- ``prefill_slots`` starts replies in P of the B slots: it prefills only those slots' new
+  tokens (after the slot's pending token, if any), reading and writing their rows of the
+  cache in place a layer at a time, and samples each one's first token, so its cost is P x
+  the new tokens, not B x, and its memory one layer of P rows beyond the cache. The token becomes the slot's
   pending token, as in ``generate``.
 - ``decode_slots`` then decodes up to ``chunk`` tokens in every busy slot: each iteration
   appends a slot's pending token to its cache and samples the next.
@@ -21,10 +22,7 @@ from flax import nnx
 
 from steppo_jax.sampling.generate import DecodeState, Generation, _prefill
 from steppo_jax.sampling.select import SamplingParams, select_tokens
-from steppo_jax.sharding import constrain, take_rows
-
-
-KV_NAMES = ("batch", "layers", "length", "kv_heads", "head_dim")  # of a cache leaf (`init_kv`)
+from steppo_jax.sharding import constrain, put_rows, take_rows
 
 
 def _token_keys(keys: jax.Array, i: jax.Array) -> jax.Array:
@@ -36,23 +34,19 @@ def _is_stop(tok: jax.Array, stop_ids: jax.Array) -> jax.Array:
     return jnp.any(tok[:, None] == stop_ids, axis=1)
 
 
-def _take_rows(state: DecodeState, rows: jax.Array) -> DecodeState:
-    """The cache rows ``rows`` [P] of ``state`` (a gather, sharded over the batch)."""
-    return DecodeState(jax.tree.map(lambda x: take_rows(x, rows, KV_NAMES), state.kv),
-                       *(take_rows(x, rows, ("batch",)) for x in (state.lengths, state.pending, state.has_pending)))
+def _take_rows(state: DecodeState, rows: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(lengths, pending, has_pending) [P] of the cache rows ``rows`` [P] (None: all rows)."""
+    vectors = (state.lengths, state.pending, state.has_pending)
+    return vectors if rows is None else tuple(take_rows(x, rows, ("batch",)) for x in vectors)
 
 
-def _put_rows(state: DecodeState, rows: jax.Array, part: DecodeState) -> DecodeState:
-    """``state`` with its distinct cache rows ``rows`` [P] replaced by ``part``."""
-    def put(full, x, names=(None,)):  # under a mesh, scatter wants the update unsharded over
-        # rows and the output's sharding (the cache's) named
-        if jax.sharding.get_abstract_mesh().empty:
-            return full.at[rows].set(x)
-        return full.at[rows].set(constrain(x, names), out_sharding=jax.typeof(full).sharding.spec)
-
-    return DecodeState(jax.tree.map(lambda f, x: put(f, x, (None,) + KV_NAMES[1:]), state.kv, part.kv),
-                       *(put(f, x) for f, x in zip((state.lengths, state.pending, state.has_pending),
-                                                   (part.lengths, part.pending, part.has_pending))))
+def _put_rows(state: DecodeState, rows: jax.Array | None, kv, lengths, pending, has_pending) -> DecodeState:
+    """``state`` with the whole cache ``kv`` (updated in place) and the distinct cache rows
+    ``rows`` [P] (None: all rows) of its vectors replaced."""
+    if rows is None:
+        return DecodeState(kv, lengths, pending, has_pending)
+    return DecodeState(kv, *(put_rows(f, (rows,), x, (None,)) for f, x in
+                             zip((state.lengths, state.pending, state.has_pending), (lengths, pending, has_pending))))
 
 
 def prefill_slots(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, rows: jax.Array,
@@ -73,18 +67,17 @@ def prefill_slots(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState,
     model = nnx.merge(graphdef, params)
     new_tokens, stop_ids = (constrain(x, ("batch", None)) for x in (new_tokens, stop_ids))
     starting, new_lens, reset, keys = (constrain(x, ("batch",)) for x in (starting, new_lens, reset, keys))
-    part = _take_rows(state, rows)
-    kv, old_lengths, old_pending, old_has = part.kv, part.lengths, part.pending, part.has_pending
+    old_lengths, pending, old_has = _take_rows(state, rows)
     lengths = jnp.where(reset, 0, old_lengths)
     has_pending = old_has & ~reset
-    pending = old_pending
     tokens = jnp.where(has_pending[:, None], jnp.concatenate([pending[:, None], new_tokens], axis=1),
                        jnp.concatenate([new_tokens, jnp.zeros_like(pending[:, None])], axis=1))
     count = jnp.where(starting, new_lens + has_pending.astype(jnp.int32), 0)
-    last, kv = _prefill(model, tokens, lengths, count, kv, None, prefill_chunk)
+    # the P rows are read and written in the whole cache, a layer at a time: no copy of their caches
+    last, kv = _prefill(model, tokens, lengths, count, state.kv, None, prefill_chunk, rows=rows)
     tok, logp = select_tokens(model.logits(last), _token_keys(keys, jnp.zeros_like(new_lens)), sampling)
-    new_state = _put_rows(state, rows, DecodeState(kv, jnp.where(starting, lengths + count, old_lengths),
-                                                    jnp.where(starting, tok, pending), starting | old_has))
+    new_state = _put_rows(state, rows, kv, jnp.where(starting, lengths + count, old_lengths),
+                          jnp.where(starting, tok, pending), starting | old_has)
     first = Generation(jnp.where(starting, tok, 0)[:, None], jnp.where(starting, logp, 0.0)[:, None],
                        starting.astype(jnp.int32), starting & _is_stop(tok, stop_ids))
     return new_state, first
@@ -102,15 +95,12 @@ def decode_slots(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, 
     one of its stop_ids [B, S]. Other slots change nothing.
 
     ``rows`` [B] (distinct cache rows, optional): the slots are these rows of a larger cache,
-    gathered before the chunk and written back after it, so a cache can hold more
-    conversations than a call decodes; None: slot b is cache row b.
+    read and written in place a layer at a time (``Decoder.extend``), so a cache can hold more
+    conversations than a call decodes at the memory of one layer of B rows; None: slot b is
+    cache row b.
 
     Returns (new state, Generation: tokens, logprobs [B, chunk]; lengths [B] drawn; stopped [B]).
     """
-    if rows is not None:
-        part, out = decode_slots(graphdef, params, _take_rows(state, rows), busy, stop_ids, keys, offsets, budget,
-                                 floor=floor, chunk=chunk, sampling=sampling, span=span)
-        return _put_rows(state, rows, part), out
     model = nnx.merge(graphdef, params)
     busy, offsets, budget, keys = (constrain(x, ("batch",)) for x in (busy, offsets, budget, keys))
     stop_ids = constrain(stop_ids, ("batch", None))
@@ -124,7 +114,7 @@ def decode_slots(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, 
     def body(carry):
         i, kv, lengths, cur, done, stopped, counts, out_tok, out_lp = carry
         live = ~done
-        h, kv = model.extend(cur[:, None], lengths[:, None], live[:, None], kv, span)
+        h, kv = model.extend(cur[:, None], lengths[:, None], live[:, None], kv, span, rows)
         lengths = lengths + live
         tok, logp = select_tokens(model.logits(h[:, 0]), _token_keys(keys, offsets + counts), sampling)
         here = live[:, None] & (columns == counts[:, None])
@@ -139,10 +129,11 @@ def decode_slots(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, 
     zeros = jnp.zeros_like(offsets)
     out_tok = constrain(jnp.zeros((b, chunk), jnp.int32), ("batch", None))
     out_lp = constrain(jnp.zeros((b, chunk), jnp.float32), ("batch", None))
-    carry = (jnp.zeros((), jnp.int32), state.kv, state.lengths, state.pending, ~busy | (budget <= 0),
+    lengths, pending, has_pending = _take_rows(state, rows)
+    carry = (jnp.zeros((), jnp.int32), state.kv, lengths, pending, ~busy | (budget <= 0),
              jnp.zeros_like(busy), zeros, out_tok, out_lp)
     _, kv, lengths, cur, _, stopped, counts, out_tok, out_lp = jax.lax.while_loop(cond, body, carry)
-    return DecodeState(kv, lengths, cur, state.has_pending), Generation(out_tok, out_lp, counts, stopped)
+    return _put_rows(state, rows, kv, lengths, cur, has_pending), Generation(out_tok, out_lp, counts, stopped)
 
 
 jit_prefill_slots = jax.jit(prefill_slots, static_argnames=("graphdef", "sampling", "prefill_chunk"),

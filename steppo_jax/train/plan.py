@@ -12,6 +12,13 @@ ahead of time for that topology, and each one's per-device memory is read from t
   (``rollout.max_context - rollout.max_new_tokens`` new tokens), then its decode loop;
 - ``decode``: ``jit_generate`` with the narrowest prompt bucket: the per-token decode loop.
 
+With ``rollout.engine: slots`` the sampler entries are the slot engine's programs instead
+(``sampling.slots``): ``prefill`` starts replies in the most slots a call can start at the
+widest prompt, ``decode`` draws ``rollout.decode_chunk`` tokens in ``decode_rows`` rows, both
+over a cache of ``rollout.slots`` rows; the shapes line gives how many programs such a sampler
+can compile in all (``slot_programs``, each decode width x span and prefill rows x width:
+what ``Sampler.warm_up`` compiles).
+
 The sampler prefills and decodes in one program, so both sampler entries are real programs of a
 run (a first turn with a long prompt, a later turn with a short observation); they differ in
 their prefill width.
@@ -46,10 +53,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from steppo_jax import sharding
 from steppo_jax.rollout.records import bucket_len
 from steppo_jax.sampling import SamplingParams, bucket, init_state as init_decode_state, jit_generate
-from steppo_jax.sampling.sampler import prefill_width
+from steppo_jax.sampling.sampler import SlotShapes, prefill_width
+from steppo_jax.sampling.slots import jit_decode_slots, jit_prefill_slots
 from steppo_jax.train.config import Config, ConfigError
 from steppo_jax.train.evaluate import eval_batch_size
-from steppo_jax.train.runtime import local_mesh
+from steppo_jax.train.runtime import local_mesh, slot_rows
 from steppo_jax.train.state import TrainState, abstract_models, make_mesh, make_optimizer
 from steppo_jax.train.update import TrainBatch, make_update, score
 
@@ -150,7 +158,10 @@ def topology_devices(topo: Topology) -> list:
 @dataclasses.dataclass(frozen=True)
 class Shapes:
     """The largest padded shapes of a run: train rows x length and slots per row, minibatch
-    rows, sampler rows per process (train and evaluation) and the prefill width."""
+    rows, sampler rows per process (train and evaluation) and the prefill width; the
+    sampler's cache rows and decode rows (the slot engine's slots and ``decode_rows``, else
+    both ``sample_rows``), and the programs a slot sampler can compile (``SlotShapes``;
+    ``Sampler.warm_up`` compiles them all; 0 for the synchronous engine)."""
 
     rows: int
     seq_len: int
@@ -159,6 +170,9 @@ class Shapes:
     sample_rows: int
     eval_rows: int
     prefill_width: int
+    cache_rows: int
+    decode_rows: int
+    slot_programs: int
 
 
 def shapes(cfg: Config, processes: int, mesh, sample_mesh) -> Shapes:
@@ -175,10 +189,26 @@ def shapes(cfg: Config, processes: int, mesh, sample_mesh) -> Shapes:
     rows = -(-local_rows // multiple) * multiple * processes
     slots = e.max_steps if r.layout == "packed" else 1
     eval_share = -(-e.eval_tasks // processes)
+    slot_shapes = slot_sampler_shapes(cfg, local_traj, sample_mesh)
     return Shapes(rows=rows, seq_len=bucket_len(r.max_context, maximum=r.max_context), slots=slots,
                   minibatch=rows // o.minibatches, sample_rows=local_traj,
                   eval_rows=eval_batch_size(eval_share, sample_mesh),
-                  prefill_width=prefill_width(r.max_context - r.max_new_tokens + 1, r.prefill_chunk) - 1)
+                  prefill_width=prefill_width(r.max_context - r.max_new_tokens + 1, r.prefill_chunk) - 1,
+                  cache_rows=slot_shapes.batch_size if slot_shapes else local_traj,
+                  decode_rows=slot_shapes.decode_rows if slot_shapes else local_traj,
+                  slot_programs=len(slot_shapes.decode_programs()) + len(slot_shapes.prefill_programs())
+                  if slot_shapes else 0)
+
+
+def slot_sampler_shapes(cfg: Config, trajectories: int, sample_mesh) -> SlotShapes | None:
+    """The rollout sampler's ``SlotShapes`` (``Runtime.sampler``) for ``rollout.engine: slots``."""
+    r = cfg.rollout
+    if r.engine != "slots":
+        return None
+    shards = sharding.batch_shards(sample_mesh)
+    slots, rows = slot_rows(r, trajectories, shards)
+    return SlotShapes.create(batch_size=slots, decode_rows=rows, decode_widths=r.decode_widths, shards=shards,
+                             capacity=r.max_context, max_new_tokens=r.max_new_tokens, prefill_chunk=r.prefill_chunk)
 
 
 def check_batch(cfg: Config, mesh, processes: int) -> None:
@@ -328,6 +358,35 @@ def programs(cfg: Config, devices: Sequence[Any], vocab_size: int,
                                             "span": r.max_context, "prefill_chunk": r.prefill_chunk}, resident, sample_mesh, flops[name],
                        loop_bytes=r.max_new_tokens * per_token)
 
+    def slot_programs() -> tuple[Program, Program]:
+        """The slot engine's largest calls (``Sampler.decode``): a prefill of the most rows a
+        call starts at the widest prompt, its attention over the whole cache; a decode of
+        ``decode_rows`` rows (gathered out of the cache when fewer than its slots) over the
+        whole cache, ``decode_chunk`` tokens."""
+        slots = slot_sampler_shapes(cfg, b, sample_mesh)
+        cache = _decode_state(models.config, slots.batch_size, r.max_context, sample_mesh)
+        resident = device_bytes(state) + ref_bytes
+        size, rows = slots.prefill_rows(slots.decode_rows), slots.decode_rows
+        vec = lambda n, dtype: _sds((n,), dtype, sample_mesh)  # noqa: E731
+        keys_of = lambda n: _sds((n,), keys.dtype, sample_mesh)  # noqa: E731
+        width = s.prefill_width + 1  # with the pending token
+        prefill = Program(jit_prefill_slots,
+                          (models.policy_def, sample_params, cache, vec(size, jnp.int32), vec(size, jnp.bool_),
+                           _sds((size, s.prefill_width), jnp.int32, sample_mesh), vec(size, jnp.int32),
+                           vec(size, jnp.bool_), _sds((size, 8), jnp.int32, sample_mesh), keys_of(size)),
+                          {"sampling": sampling, "prefill_chunk": r.prefill_chunk}, resident, sample_mesh,
+                          forward_flops(models.config, size * width, size * width * r.max_context))
+        gather = rows < slots.batch_size
+        per_token = device_bytes(sample_params) + device_bytes(cache) * rows // slots.batch_size
+        decode = Program(jit_decode_slots,
+                         (models.policy_def, sample_params, cache, vec(rows, jnp.bool_),
+                          _sds((rows, 8), jnp.int32, sample_mesh), keys_of(rows), vec(rows, jnp.int32),
+                          vec(rows, jnp.int32), vec(rows, jnp.int32) if gather else None, _sds((), jnp.int32, sample_mesh)),
+                         {"chunk": r.decode_chunk, "sampling": sampling, "span": r.max_context}, resident, sample_mesh,
+                         r.decode_chunk * forward_flops(models.config, rows, rows * r.max_context),
+                         loop_bytes=r.decode_chunk * per_token)
+        return prefill, decode
+
     # the sampler is released before the passes and the updates (Trainer.step)
     update = jax.jit(make_update(models, cfg.algo, r.temperature, tx, chunk=o.logprob_chunk,
                                  micro_batch_rows=o.micro_batch_rows), donate_argnums=0)
@@ -337,9 +396,11 @@ def programs(cfg: Config, devices: Sequence[Any], vocab_size: int,
                           "micro_batch_rows": o.micro_batch_rows},
                          device_bytes(opt_state), mesh, flops["score"]),
         "update": Program(update, (state, batch, minibatch), {}, ref_bytes, mesh, flops["update"]),
-        "prefill": generate(s.prefill_width, "prefill"),
-        "decode": generate(bucket(1) - 1, "decode"),
     }
+    if r.engine == "slots":
+        out["prefill"], out["decode"] = slot_programs()
+    else:
+        out["prefill"], out["decode"] = generate(s.prefill_width, "prefill"), generate(bucket(1) - 1, "decode")
     return out, s
 
 
@@ -420,10 +481,14 @@ _KNOBS = {
 }
 
 
+_SLOT_KNOBS = ("rollout.slots", "rollout.decode_rows", "rollout.max_context", "mesh.fsdp", "mesh.tensor")
+
+
 def knobs(cfg: Config, program: str) -> list[str]:
     """The config fields that would shrink ``program``'s memory, those this version has."""
     out = []
-    for path in _KNOBS[program]:
+    slots = cfg.rollout.engine == "slots" and program in ("prefill", "decode")
+    for path in _SLOT_KNOBS if slots else _KNOBS[program]:
         section, field = path.split(".")
         if hasattr(getattr(cfg, section), field):
             out.append(path)

@@ -73,6 +73,15 @@ def _to_local(x: jax.Array, target) -> jax.Array:
     return jax.make_array_from_single_device_arrays(x.shape, target, pieces)
 
 
+def slot_rows(r, trajectories: int, shards: int) -> tuple[int, int]:
+    """The slot engine's (slots, decode rows) for a sampler of ``trajectories`` rows:
+    ``rollout.slots`` and ``rollout.decode_rows`` (0: one slot per trajectory, every slot
+    decoded), each at most ``trajectories`` and rounded up to a multiple of the ``shards``."""
+    fit = lambda n: -(-min(n, trajectories) // shards) * shards  # noqa: E731
+    slots = fit(r.slots) if r.slots else trajectories
+    return slots, fit(r.decode_rows) if r.decode_rows else slots
+
+
 @dataclasses.dataclass
 class Runtime:
     cfg: Config
@@ -133,10 +142,7 @@ class Runtime:
         sampling = SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, greedy=greedy)
         decode_rows = None
         if r.engine == "slots":
-            shards = sharding.batch_shards(self.sample_mesh)
-            fit = lambda n: -(-min(n, batch_size) // shards) * shards  # noqa: E731
-            batch_size = fit(r.slots) if r.slots else batch_size
-            decode_rows = fit(r.decode_rows) if r.decode_rows else None
+            batch_size, decode_rows = slot_rows(r, batch_size, sharding.batch_shards(self.sample_mesh))
         return Sampler(model, batch_size=batch_size, capacity=r.max_context, max_new_tokens=r.max_new_tokens,
                        sampling=sampling, mesh=self.sample_mesh, first_row=first_row,
                        prefill_chunk=r.prefill_chunk, decode_rows=decode_rows, decode_widths=r.decode_widths)
