@@ -63,24 +63,26 @@ def _fold_in(keys: jax.Array, i) -> jax.Array:
 def _prefill(model, tokens, lengths, count, kv, span, chunk: int, rows=None):
     """Writes row b's first count[b] ``tokens`` [B, N] into the cache at positions lengths[b]..,
     ``chunk`` tokens at a time (N a multiple of it, or N <= chunk), so activations stay
-    [B, chunk, ...] however long the prompt; ``rows`` [B] (optional): the cache rows they are
-    (see ``Decoder.extend``). Returns (hidden of each row's last token [B, D], kv)."""
+    [B, chunk, ...] however long the prompt; only the chunks the longest row needs run (a loop
+    of max(count) / chunk passes), so one N serves every prompt longer than a chunk; ``rows``
+    [B] (optional): the cache rows they are (see ``Decoder.extend``). Returns (hidden of each
+    row's last token [B, D], kv)."""
     b, n = tokens.shape
     c = min(chunk, n)
-    offsets = jnp.arange(n, dtype=jnp.int32).reshape(n // c, c)
 
-    def one(carry, off):  # off [c]: this chunk's offsets
+    def one(j, carry):  # pass j: tokens [j * c, (j + 1) * c)
         last, kv = carry
-        tok = jax.lax.dynamic_slice_in_dim(tokens, off[0], c, axis=1)
+        off = j * c + jnp.arange(c, dtype=jnp.int32)
+        tok = jax.lax.dynamic_slice_in_dim(tokens, j * c, c, axis=1)
         h, kv = model.extend(tok, lengths[:, None] + off, off < count[:, None], kv, span, rows)
-        i = count - 1 - off[0]  # the row's last token, if it falls in this chunk
+        i = count - 1 - j * c  # the row's last token, if it falls in this chunk
         here = (i >= 0) & (i < c)
-        pick = jax.vmap(lambda x, j: x[j])(h, jnp.clip(i, 0, c - 1))
-        return (jnp.where(here[:, None], pick, last), kv), None
+        pick = jax.vmap(lambda x, k: x[k])(h, jnp.clip(i, 0, c - 1))
+        return jnp.where(here[:, None], pick, last), kv
 
-    last = jnp.zeros((b, model.config.d_model), model.config.jnp_dtype)
-    (last, kv), _ = jax.lax.scan(one, (constrain(last, ("batch", None)), kv), offsets)
-    return last, kv
+    last = constrain(jnp.zeros((b, model.config.d_model), model.config.jnp_dtype), ("batch", None))
+    passes = 1 if n == c else (jnp.max(count) + c - 1) // c
+    return jax.lax.fori_loop(0, passes, one, (last, kv))
 
 
 def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, new_tokens: jax.Array,
@@ -97,7 +99,7 @@ def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, new_
     (not checked here: see `Sampler`). span (static): attend over the first `span` cache slots
     only; it must exceed every position this call writes (default: the whole capacity).
     prefill_chunk (static): new tokens prefilled per pass (N + 1 must be a multiple of it or
-    at most it; powers of two are).
+    at most it; powers of two are); a call runs as many passes as its longest row needs.
     Returns (new state, Generation).
     """
     model = nnx.merge(graphdef, params)

@@ -22,10 +22,12 @@ def bucket(n: int, minimum: int = 8) -> int:
     return max(minimum, 1 << max(n - 1, 0).bit_length())
 
 
-def prefill_width(n: int, chunk: int) -> int:
+def prefill_width(n: int, chunk: int, longest: int) -> int:
     """Tokens a call prefills for ``n`` (the longest row's new tokens + its pending token): a
-    power of two up to ``chunk``, then a multiple of ``chunk`` (prefilled a chunk at a time)."""
-    return bucket(n) if n <= chunk else -(-n // chunk) * chunk
+    power of two up to ``chunk``; above it, ``longest`` (the most a call can prefill) rounded
+    up to a multiple of ``chunk``: prefilled a chunk at a time, only the chunks the rows need
+    running, so every long prompt shares one program."""
+    return bucket(n) if n <= chunk else -(-longest // chunk) * chunk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +63,11 @@ class SlotShapes:
         """Rows a prefill call runs for ``starting`` slots."""
         return min(bucket(starting, 1), self.batch_size)
 
+    def prefill_width(self, n: int) -> int:
+        """The width of a call prefilling ``n`` tokens (`prefill_width`; the most a call can
+        prefill: a whole reply's room left, plus the pending token)."""
+        return prefill_width(n, self.prefill_chunk, self.capacity - self.max_new_tokens + 1)
+
     def span(self, reach: int) -> int:
         """The cache prefix a decode reaching position ``reach`` attends over."""
         return min(self.capacity, bucket(reach, 128))
@@ -74,8 +81,7 @@ class SlotShapes:
     def prefill_programs(self) -> list[tuple[int, int]]:
         """Every (rows, width) a prefill can run (width: new tokens + the pending one)."""
         sizes = sorted({self.prefill_rows(n) for n in range(1, self.decode_rows + 1)})
-        widths = sorted({prefill_width(n + 1, self.prefill_chunk)
-                         for n in range(1, self.capacity - self.max_new_tokens + 1)})
+        widths = sorted({self.prefill_width(n + 1) for n in range(1, self.capacity - self.max_new_tokens + 1)})
         return [(r, w) for r in sizes for w in widths]
 
 
@@ -121,8 +127,9 @@ class Sampler:
     `step(new_tokens, stop_ids, key)`: row b gets `new_tokens[b]` appended (prompt on the first
     turn, observation tokens later; None = row inactive this call, left untouched) and decodes
     one step. `reset=True` (or `reset=[...]` per row) starts new conversations. New-token widths
-    are bucketed to powers of two up to `prefill_chunk`, then to multiples of it, and prefilled
-    `prefill_chunk` tokens at a time (activations stay [B, prefill_chunk, ...] for any prompt
+    are bucketed to powers of two up to `prefill_chunk`; longer prompts share one width (the
+    most a call can prefill) and are prefilled `prefill_chunk` tokens at a time, as many
+    chunks as the longest row needs (activations stay [B, prefill_chunk, ...] for any prompt
     length); attention reads only the cache prefix the call can reach
     (also a power-of-two bucket), so repeated turns reuse one compiled program per bucket pair.
     The cache holds `capacity` tokens per row; each row's total (all turns, prompt, observations
@@ -223,7 +230,7 @@ class Sampler:
         span = self.shapes.span(reach)
         # width + 1 (with the pending token generate prepends) is a power of two or a multiple
         # of the prefill chunk
-        tok = np.zeros((b, prefill_width(int(lens.max(initial=0)) + 1, self.prefill_chunk) - 1), np.int32)
+        tok = np.zeros((b, self.shapes.prefill_width(int(lens.max(initial=0)) + 1) - 1), np.int32)
         for r in np.flatnonzero(active):
             tok[r, :lens[r]] = new_tokens[r]
         stops = self._stop_array(stop_ids)
@@ -281,7 +288,7 @@ class Sampler:
         stopped = np.zeros(b, bool)
         slot_steps, ran = 0, 0  # ran: the decode's rows
         with self._mesh_ctx():
-            widths = {r: prefill_width(int(lens[r]) + 1, self.prefill_chunk) for r in np.flatnonzero(starting)}
+            widths = {r: self.shapes.prefill_width(int(lens[r]) + 1) for r in np.flatnonzero(starting)}
             for width in sorted(set(widths.values())):  # one prefill per width: short ones pad little
                 first = np.array([r for r, w in widths.items() if w == width])
                 size = self.shapes.prefill_rows(first.size)  # distinct rows: the starting ones, then others

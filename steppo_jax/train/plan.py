@@ -189,11 +189,12 @@ def shapes(cfg: Config, processes: int, mesh, sample_mesh) -> Shapes:
     rows = -(-local_rows // multiple) * multiple * processes
     slots = e.max_steps if r.layout == "packed" else 1
     eval_share = -(-e.eval_tasks // processes)
+    longest = r.max_context - r.max_new_tokens + 1  # the most tokens a sampler call prefills
     slot_shapes = slot_sampler_shapes(cfg, local_traj, sample_mesh)
     return Shapes(rows=rows, seq_len=bucket_len(r.max_context, maximum=r.max_context), slots=slots,
                   minibatch=rows // o.minibatches, sample_rows=local_traj,
                   eval_rows=eval_batch_size(eval_share, sample_mesh),
-                  prefill_width=prefill_width(r.max_context - r.max_new_tokens + 1, r.prefill_chunk) - 1,
+                  prefill_width=prefill_width(longest, r.prefill_chunk, longest) - 1,
                   cache_rows=slot_shapes.batch_size if slot_shapes else local_traj,
                   decode_rows=slot_shapes.decode_rows if slot_shapes else local_traj,
                   slot_programs=len(slot_shapes.decode_programs()) + len(slot_shapes.prefill_programs())
