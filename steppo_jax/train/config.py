@@ -140,7 +140,8 @@ class RolloutSection:
     """Top-k filter; 0 disables it."""
     prefill_chunk: int = 1024
     """Prompt tokens the sampler prefills per pass: long prompts are prefilled a chunk at a
-    time, so their activations stay [rows, prefill_chunk, ...]."""
+    time, so their activations stay [rows, prefill_chunk, ...], and every prompt longer than
+    a chunk runs one compiled program (as many passes as it needs)."""
     layout: Literal["packed", "step_rows"] = "packed"
     """``packed``: one row per trajectory; ``step_rows``: one row per (trajectory, step)."""
     history_window: int | None = None
