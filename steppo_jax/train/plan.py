@@ -14,8 +14,8 @@ ahead of time for that topology, and each one's per-device memory is read from t
 
 With ``rollout.engine: slots`` the sampler entries are the slot engine's programs instead
 (``sampling.slots``): ``prefill`` starts replies in the most slots a call can start at the
-widest prompt, ``decode`` draws ``rollout.decode_chunk`` tokens in ``decode_rows`` rows, both
-over a cache of ``rollout.slots`` rows; the shapes line gives how many programs such a sampler
+widest prompt, ``decode`` draws ``rollout.decode_chunk`` tokens in the most rows a call that
+reads its rows out of the cache runs, both over a cache of ``rollout.slots`` rows; the shapes line gives how many programs such a sampler
 can compile in all (``slot_programs``, each decode width x span and prefill rows x width:
 what ``Sampler.warm_up`` compiles).
 
@@ -362,12 +362,13 @@ def programs(cfg: Config, devices: Sequence[Any], vocab_size: int,
     def slot_programs() -> tuple[Program, Program]:
         """The slot engine's largest calls (``Sampler.decode``): a prefill of the most rows a
         call starts at the widest prompt, its attention over the whole cache; a decode of
-        ``decode_rows`` rows (gathered out of the cache when fewer than its slots) over the
-        whole cache, ``decode_chunk`` tokens."""
+        ``decode_chunk`` tokens over the whole cache in the most rows a call that reads its rows
+        out of the cache runs (fewer than the slots; every slot when no call does)."""
         slots = slot_sampler_shapes(cfg, b, sample_mesh)
         cache = _decode_state(models.config, slots.batch_size, r.max_context, sample_mesh)
         resident = device_bytes(state) + ref_bytes
-        size, rows = slots.prefill_rows(slots.decode_rows), slots.decode_rows
+        size = slots.prefill_rows(slots.decode_rows)
+        rows = max([w for w, _ in slots.decode_programs() if w < slots.batch_size], default=slots.batch_size)
         vec = lambda n, dtype: _sds((n,), dtype, sample_mesh)  # noqa: E731
         keys_of = lambda n: _sds((n,), keys.dtype, sample_mesh)  # noqa: E731
         width = s.prefill_width + 1  # with the pending token
