@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from steppo_jax.train import plan
+from steppo_jax.train.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # one layer, no critic (GRPO), short rows: every compile takes seconds
@@ -61,6 +62,27 @@ def test_slot_engine_programs():
         assert row["argument_bytes"] > 0 and row["peak_bytes"] > 0 and row["flops"] > 0
 
 
+def test_asynchronous_training_holds_the_sampler_beside_the_update():
+    """With max_staleness 1 the sampler keeps its weights and cache while the update runs: the
+    update's row holds, beside its peak, the reference (its resident bytes when synchronous)
+    and the largest sampler peak; each sampler program's row the update's peak + the reference."""
+    reports = []
+    for extra in ((), ("rollout.max_staleness=1", "algo.behavior_weight_cap=2")):
+        proc = steppo_plan("--cpu-devices", "2", "--json", "--programs", "update,prefill,decode", *TINY, *extra)
+        assert proc.returncode == 0, proc.stderr
+        reports.append(json.loads(proc.stdout)["programs"])
+    sync, rows = reports
+    ref = sync["update"]["resident_bytes"]  # default.yaml has a KL term: the reference
+    assert ref > 0
+    sampler = max(rows["prefill"]["peak_bytes"], rows["decode"]["peak_bytes"])
+    assert rows["update"]["resident_bytes"] == ref + sampler
+    for name in ("prefill", "decode"):
+        assert rows[name]["resident_bytes"] == rows["update"]["peak_bytes"] + ref != sync[name]["resident_bytes"]
+    cfg = load_config(ROOT / "configs/default.yaml", ["rollout.max_staleness=1", "algo.behavior_weight_cap=2"])
+    assert plan.knobs(cfg, "update")[0] == "rollout.max_staleness" and "rollout.max_staleness" not in plan.knobs(
+        cfg, "score")
+
+
 def test_tpu_topology_with_only_a_config_json(tmp_path):
     """An HF model directory holding nothing but config.json plans on a v5e-4 (4 chips)."""
     config = {"model_type": "qwen3", "vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 1,
@@ -90,6 +112,8 @@ def test_does_not_fit_names_the_program_and_the_knobs():
     (["--topology", "v9z-8"], "unknown topology 'v9z-8'; known: v4-8,"),
     (["--topology", "v5e-4", "rollout.group_size=0"], "rollout.group_size = 0 must be >= 1"),
     (["--cpu-devices", "1", "--programs", "train"], "unknown program(s) train"),
+    (["--topology", "v5e-32", *TINY, "rollout.tasks_per_iter=8", "rollout.max_staleness=1",
+      "algo.behavior_weight_cap=2"], "rollout.max_staleness=1 (asynchronous training) runs in one process, not 8"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message):
     proc = steppo_plan(*args, "--json")

@@ -27,7 +27,10 @@ Per device: peak = argument + temp + output - alias bytes (donated arguments tha
 count once); resident = bytes that stay allocated while the program runs without being its
 arguments (the train state and the reference while sampling, the optimizer state while scoring,
 the reference while updating: the sampler's cache and weights are released before the passes);
-the program fits when peak + resident <= the chip's HBM. FLOPs come from the model config, not
+the program fits when peak + resident <= the chip's HBM. Under asynchronous training
+(``rollout.max_staleness`` >= 1, one process) the sampler runs beside the update: the update's
+resident bytes then include the largest sampler program's peak, and the sampler programs' the
+update's peak. FLOPs come from the model config, not
 XLA's cost analysis (on a CPU-hosted TPU compile it counts loop bodies once and skips Pallas
 kernels): 2 x matmul parameters x tokens plus causal attention 2 x L x H x hd x T^2 per
 row forward, x 3 for forward + backward; the estimated time is FLOPs / (peak FLOP/s x MFU),
@@ -312,6 +315,9 @@ def programs(cfg: Config, devices: Sequence[Any], vocab_size: int,
     """The four programs of a run on ``devices``, with abstract arguments; with several
     processes the sampler's run on process 0's share (on ``host_devices`` when given)."""
     processes = len({d.process_index for d in devices})
+    if cfg.rollout.max_staleness and processes > 1:
+        raise ConfigError(f"rollout.max_staleness={cfg.rollout.max_staleness} (asynchronous training) runs in one "
+                          f"process, not {processes}")
     mesh = make_mesh(cfg, devices)
     check_batch(cfg, mesh, processes)
     sample_mesh = mesh if processes == 1 else local_mesh(mesh, devices, process=0)
@@ -469,8 +475,29 @@ def plan(cfg: Config, devices: Sequence[Any], *, name: str, vocab_size: int, chi
         log(f"compiling {n} for {name} ...")
         rows[n] = compile_program(progs[n], hbm, chip and chip.peak_flops, chip and chip.hbm_bandwidth)
         log(f"compiled {n} in {rows[n]['compile_s']:.1f}s" + ("" if rows[n]["fits"] else " (does not fit)"))
+    if cfg.rollout.max_staleness:
+        _run_together(rows, progs, hbm)
     return {"topology": name, "devices": len(devices), "hbm_bytes": hbm, "fits": all(r["fits"] for r in rows.values()),
             "mfu": MFU, "shapes": dataclasses.asdict(s), "programs": rows}
+
+
+def _run_together(rows: dict, progs: dict, hbm: int | None) -> None:
+    """Asynchronous training (``rollout.max_staleness`` >= 1): the sampler keeps its weights
+    and cache and runs beside the update, so the update's row holds the largest compiled
+    sampler program's peak as resident, and each sampler row the update's peak (which holds
+    the train state) plus the reference: every one of them must fit update + sampler at once.
+    Rows are left as they are unless the update and a sampler program both compiled."""
+    sampler = [n for n in ("prefill", "decode") if n in rows and rows[n]["peak_bytes"] is not None]
+    update = rows.get("update")
+    if not sampler or update is None or update["peak_bytes"] is None:
+        return
+    update["resident_bytes"] = progs["update"].resident + max(rows[n]["peak_bytes"] for n in sampler)
+    for n in sampler:
+        rows[n]["resident_bytes"] = update["peak_bytes"] + progs["update"].resident
+    for row in [update] + [rows[n] for n in sampler]:
+        total = row["peak_bytes"] + row["resident_bytes"]
+        row["fits"] = hbm is None or total <= hbm
+        row["over_bytes"] = None if row["fits"] else total - hbm
 
 
 # -- reporting ------------------------------------------------------------------------------------
@@ -488,7 +515,8 @@ _SLOT_KNOBS = ("rollout.slots", "rollout.decode_rows", "rollout.max_context", "m
 
 def knobs(cfg: Config, program: str) -> list[str]:
     """The config fields that would shrink ``program``'s memory, those this version has."""
-    out = []
+    # asynchronous training holds the sampler beside the update: synchronous frees it
+    out = ["rollout.max_staleness"] if cfg.rollout.max_staleness and program != "score" else []
     slots = cfg.rollout.engine == "slots" and program in ("prefill", "decode")
     for path in _SLOT_KNOBS if slots else _KNOBS[program]:
         section, field = path.split(".")
