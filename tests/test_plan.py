@@ -48,18 +48,21 @@ def test_cpu_devices_json():
 
 def test_slot_engine_programs():
     """With ``rollout.engine: slots`` the sampler entries are the slot engine's prefill and
-    decode over a cache of ``rollout.slots`` rows, the decode gathering ``decode_rows`` of them."""
-    proc = steppo_plan("--cpu-devices", "2", "--json", "--programs", "prefill,decode", *TINY, "rollout.engine=slots",
-                       "rollout.decode_rows=2")
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout)
-    assert set(report["programs"]) == {"prefill", "decode"} and report["fits"] is True
-    shapes = report["shapes"]
-    assert (shapes["cache_rows"], shapes["decode_rows"]) == (4, 2)
-    # decode: 1 width (2 rows) x 1 span (128); prefill: 2 row counts (1, 2) x 5 widths (8 .. 128)
-    assert shapes["slot_programs"] == 1 + 2 * 5
-    for row in report["programs"].values():
-        assert row["argument_bytes"] > 0 and row["peak_bytes"] > 0 and row["flops"] > 0
+    decode over a cache of ``rollout.slots`` rows: on one device a decode of ``decode_rows`` of
+    them and prefills of 1 or 2 rows; on a batch split over 2 devices every call on every row."""
+    for devices, extra, rows, programs in (("1", ["rollout.decode_rows=2"], 2, 2 * 1 + 2 * 5), ("2", [], 4, 1 + 5)):
+        proc = steppo_plan("--cpu-devices", devices, "--json", "--programs", "prefill,decode", *TINY,
+                           "rollout.engine=slots", *extra)
+        assert proc.returncode == 0, proc.stderr
+        report = json.loads(proc.stdout)
+        assert set(report["programs"]) == {"prefill", "decode"} and report["fits"] is True
+        shapes = report["shapes"]
+        assert (shapes["cache_rows"], shapes["decode_rows"]) == (4, rows)
+        # one device: decode widths 1, 2 x 1 span (128); prefill rows 1, 2 x 5 widths (8 .. 128);
+        # two: decode 4 rows x 1 span, prefill 4 rows x 5 widths
+        assert shapes["slot_programs"] == programs
+        for row in report["programs"].values():
+            assert row["argument_bytes"] > 0 and row["peak_bytes"] > 0 and row["flops"] > 0
 
 
 def test_asynchronous_training_holds_the_sampler_beside_the_update():
@@ -79,8 +82,9 @@ def test_asynchronous_training_holds_the_sampler_beside_the_update():
     for name in ("prefill", "decode"):
         assert rows[name]["resident_bytes"] == rows["update"]["peak_bytes"] + ref != sync[name]["resident_bytes"]
     cfg = load_config(ROOT / "configs/default.yaml", ["rollout.max_staleness=1", "algo.behavior_weight_cap=2"])
-    assert plan.knobs(cfg, "update")[0] == "rollout.max_staleness" and "rollout.max_staleness" not in plan.knobs(
-        cfg, "score")
+    sync_cfg = load_config(ROOT / "configs/default.yaml")
+    for name in plan.PROGRAMS:  # asynchronous training's first knob: train synchronously
+        assert plan.knobs(cfg, name)[0] == "rollout.max_staleness" not in plan.knobs(sync_cfg, name)
 
 
 def test_tpu_topology_with_only_a_config_json(tmp_path):
@@ -112,6 +116,8 @@ def test_does_not_fit_names_the_program_and_the_knobs():
     (["--topology", "v9z-8"], "unknown topology 'v9z-8'; known: v4-8,"),
     (["--topology", "v5e-4", "rollout.group_size=0"], "rollout.group_size = 0 must be >= 1"),
     (["--cpu-devices", "1", "--programs", "train"], "unknown program(s) train"),
+    (["--cpu-devices", "2", *TINY, "rollout.engine=slots", "rollout.decode_rows=2"],
+     "rollout.decode_rows: decode_rows=2 below the 4 slots needs the sampler's batch on one device"),
     (["--topology", "v5e-32", *TINY, "rollout.tasks_per_iter=8", "rollout.max_staleness=1",
       "algo.behavior_weight_cap=2"], "rollout.max_staleness=1 (asynchronous training) runs in one process, not 8"),
 ])

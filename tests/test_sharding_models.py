@@ -84,14 +84,20 @@ def _main(axis_types: str, tmp: str) -> None:
             for x, y in zip(a.logprobs, b.logprobs):
                 np.testing.assert_allclose(x, y, atol=1e-5)
 
-    # slot decoding with parked caches: 8 conversations decoded 4 per call (rows gathered out
-    # of the cache and written back), the first 4 resumed after the others ran, then 2 of them
-    # alone (a narrower call)
+    # slot decoding, 8 conversations 4 at a time, the first 4 resumed after the others ran,
+    # then 2 of them alone: unsharded with parked caches (4 decode rows, each call reading and
+    # writing its rows of the cache in place), on the mesh every call on all 8 rows (a sharded
+    # batch is never gathered; parking there is an error)
     keys = reply_keys(jax.random.key(2), jnp.zeros(8, jnp.int32), jnp.arange(8))
+    greedy = SamplingParams(greedy=True)
+    try:
+        Sampler(model, batch_size=8, capacity=64, max_new_tokens=6, mesh=mesh, decode_rows=4)
+        raise AssertionError("decode_rows below the slots on a sharded batch must be refused")
+    except ValueError as err:
+        assert "needs the sampler's batch on one device" in str(err)
     outs = []
-    for m, mh in ((model, mesh), (ref, None)):
-        s = Sampler(m, batch_size=8, capacity=64, max_new_tokens=6, sampling=SamplingParams(greedy=True),
-                    mesh=mh, decode_rows=4)
+    for m, mh, parked in ((model, mesh, None), (ref, None, 4)):
+        s = Sampler(m, batch_size=8, capacity=64, max_new_tokens=6, sampling=greedy, mesh=mh, decode_rows=parked)
         drawn = []
         for rows, offset in ((range(4), 0), (range(4, 8), 0), (range(4), 3), (range(4, 6), 3)):
             new = [(prompts[r % 4] if offset == 0 else []) if r in rows else None for r in range(8)]

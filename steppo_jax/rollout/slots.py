@@ -10,7 +10,7 @@ trajectory whose environment has answered, in its own slot (a trajectory keeps i
 so its cache, for its whole episode: only the observation is prefilled), and new
 trajectories, each into an empty slot or one whose trajectory has ended. With more trajectories than slots, new ones wait for a slot.
 A slot whose trajectory waits on its environment keeps its cache; with D < B its decode row
-serves another slot meanwhile (the call gathers the D busy slots out of the cache), so more
+serves another slot meanwhile (the call reads and writes the D busy slots' rows of the cache), so more
 slots than decode rows keep every row busy, at the memory of B caches.
 
 A reply is drawn with the key of its (step, trajectory) (``sampling.reply_keys``), the key

@@ -69,6 +69,8 @@ def _prefill(model, tokens, lengths, count, kv, span, chunk: int, rows=None):
     row's last token [B, D], kv)."""
     b, n = tokens.shape
     c = min(chunk, n)
+    if n % c:
+        raise ValueError(f"{n} tokens to prefill must be at most the chunk {chunk} or a multiple of it")
 
     def one(j, carry):  # pass j: tokens [j * c, (j + 1) * c)
         last, kv = carry

@@ -24,10 +24,10 @@ def bucket(n: int, minimum: int = 8) -> int:
 
 def prefill_width(n: int, chunk: int, longest: int) -> int:
     """Tokens a call prefills for ``n`` (the longest row's new tokens + its pending token): a
-    power of two up to ``chunk``; above it, ``longest`` (the most a call can prefill) rounded
-    up to a multiple of ``chunk``: prefilled a chunk at a time, only the chunks the rows need
-    running, so every long prompt shares one program."""
-    return bucket(n) if n <= chunk else -(-longest // chunk) * chunk
+    power of two up to ``chunk`` (at most ``chunk``); above it, ``longest`` (the most a call
+    can prefill) rounded up to a multiple of ``chunk``: prefilled a chunk at a time, only the
+    chunks the rows need running, so every long prompt shares one program."""
+    return min(bucket(n), chunk) if n <= chunk else -(-longest // chunk) * chunk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +38,10 @@ class SlotShapes:
     A decode runs a call's busy slots rounded up to a multiple of ``width_step`` (at most
     ``decode_rows``) and attends over a span (a power of two >= 128, at most ``capacity``); a
     prefill runs its starting slots rounded up to a power of two (at most ``batch_size``) at a
-    prefill width (`prefill_width`)."""
+    prefill width (`prefill_width`). A call on fewer rows than the cache reads and writes its
+    rows of the cache in place, a layer at a time (`Decoder.extend(..., rows=)`); with the
+    batch sharded over several devices (``shards`` > 1) such a gather would move each layer's
+    rows between devices for every token, so there (``whole``) every call runs every row."""
 
     batch_size: int
     decode_rows: int
@@ -46,13 +49,18 @@ class SlotShapes:
     capacity: int
     max_new_tokens: int
     prefill_chunk: int
+    whole: bool = False
 
     @classmethod
     def create(cls, *, batch_size: int, decode_rows: int, decode_widths: int, shards: int, capacity: int,
                max_new_tokens: int, prefill_chunk: int) -> SlotShapes:
-        """Decode widths: multiples of ``decode_rows / decode_widths`` and of the ``shards``."""
-        step = -(-max(1, decode_rows // decode_widths) // shards) * shards
-        return cls(batch_size, decode_rows, step, capacity, max_new_tokens, prefill_chunk)
+        """Decode widths: multiples of ``decode_rows / decode_widths`` (one width, every row,
+        when the batch is sharded: then ``decode_rows`` must be ``batch_size``)."""
+        if shards > 1 and decode_rows != batch_size:
+            raise ValueError(f"decode_rows={decode_rows} below the {batch_size} slots needs the sampler's batch on one "
+                             f"device (here it is split over {shards}): a call gathers its rows out of the cache")
+        step = decode_rows if shards > 1 else max(1, decode_rows // decode_widths)
+        return cls(batch_size, decode_rows, step, capacity, max_new_tokens, prefill_chunk, whole=shards > 1)
 
     def decode_width(self, busy: int) -> int:
         """Rows a decode call runs for ``busy`` slots. So a call with few busy slots (slots
@@ -61,7 +69,7 @@ class SlotShapes:
 
     def prefill_rows(self, starting: int) -> int:
         """Rows a prefill call runs for ``starting`` slots."""
-        return min(bucket(starting, 1), self.batch_size)
+        return self.batch_size if self.whole else min(bucket(starting, 1), self.batch_size)
 
     def prefill_width(self, n: int) -> int:
         """The width of a call prefilling ``n`` tokens (`prefill_width`; the most a call can
@@ -81,7 +89,7 @@ class SlotShapes:
     def prefill_programs(self) -> list[tuple[int, int]]:
         """Every (rows, width) a prefill can run (width: new tokens + the pending one)."""
         sizes = sorted({self.prefill_rows(n) for n in range(1, self.decode_rows + 1)})
-        widths = sorted({self.prefill_width(n + 1) for n in range(1, self.capacity - self.max_new_tokens + 1)})
+        widths = sorted({self.prefill_width(n + 1) for n in range(self.capacity - self.max_new_tokens + 1)})
         return [(r, w) for r in sizes for w in widths]
 
 
@@ -147,10 +155,11 @@ class Sampler:
     count rounded up to a multiple of `decode_rows / decode_widths`, `StepOutput.rows`: at most
     `decode_widths` compiled widths); a call ends early once that many of its rows have
     finished, so the caller can refill them or run fewer rows (`warm_up` compiles every shape a
-    call can take). With `decode_rows` <
-    `batch_size` the cache holds more conversations than a call decodes: a call's at most `decode_rows`
-    active rows are gathered out of the cache and written back (a decode costs its busy rows,
-    whatever the cache holds).
+    call can take). With `decode_rows` < `batch_size` the cache holds more conversations than a
+    call decodes. A call on fewer rows than the cache reads and writes its rows of the cache
+    in place, a layer at a time (a decode costs its busy rows, whatever the cache holds, and
+    copies no cache); on a mesh that splits the batch over devices every call runs every row
+    instead (`SlotShapes`), and `decode_rows` must be `batch_size`.
 
     Row b samples with the key `fold_in(key, first_row + b)`: a sampler holding rows
     [first_row, first_row + B) of a larger batch (one process's share) draws exactly what one
@@ -292,15 +301,17 @@ class Sampler:
             for width in sorted(set(widths.values())):  # one prefill per width: short ones pad little
                 first = np.array([r for r, w in widths.items() if w == width])
                 size = self.shapes.prefill_rows(first.size)  # distinct rows: the starting ones, then others
-                rows = np.concatenate([first, np.setdiff1d(np.arange(b), first)[:size - first.size]])
+                rows = np.arange(b) if size == b else np.concatenate([first, np.setdiff1d(np.arange(b), first)])[:size]
+                at = {r: p for p, r in enumerate(rows)}
                 tok = np.zeros((size, width - 1), np.int32)
-                for p, r in enumerate(first):
-                    tok[p, :lens[r]] = new_tokens[r]
-                out = self._prefill(params, rows, np.arange(size) < first.size, tok, lens[rows],
+                for r in first:
+                    tok[at[r], :lens[r]] = new_tokens[r]
+                out = self._prefill(params, rows, np.isin(rows, first), tok, lens[rows],
                                     np.asarray(reset, bool)[rows], stops[rows], keys[rows])
                 tok0, lp0, _, stop0 = jax.device_get(tuple(out))
                 slot_steps += size
-                for p, r in enumerate(first):
+                for r in first:
+                    p = at[r]
                     tokens[r], logprobs[r], stopped[r] = [int(tok0[p, 0])], lp0[p, :1], bool(stop0[p])
             drawn = np.array([len(t) for t in tokens])
             budget = np.where(active & ~stopped, np.minimum(chunk, self.max_new_tokens - offsets) - drawn, 0)
@@ -329,8 +340,10 @@ class Sampler:
         prefills few rows, and the programs stay few (no span bucket)."""
         # host arrays are cast on the host: a cast on the device under a mesh commits its
         # output, and a committed argument would compile a program of its own
+        whole = rows.size == self.batch_size  # all rows in order: no gather
         self.state, out = jit_prefill_slots(
-            self.graphdef, params, self.state, *map(_device, (rows, starting, tok, lens, reset, stops)), keys,
+            self.graphdef, params, self.state, None if whole else _device(rows),
+            *map(_device, (starting, tok, lens, reset, stops)), keys,
             sampling=self.sampling, prefill_chunk=self.prefill_chunk)
         return out
 

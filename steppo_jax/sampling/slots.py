@@ -49,11 +49,12 @@ def _put_rows(state: DecodeState, rows: jax.Array | None, kv, lengths, pending, 
                              zip((state.lengths, state.pending, state.has_pending), (lengths, pending, has_pending))))
 
 
-def prefill_slots(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, rows: jax.Array,
+def prefill_slots(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, rows: jax.Array | None,
                   starting: jax.Array, new_tokens: jax.Array, new_lens: jax.Array, reset: jax.Array,
                   stop_ids: jax.Array, keys: jax.Array, *, sampling: SamplingParams = SamplingParams(),
                   prefill_chunk: int = 1024) -> tuple[DecodeState, Generation]:
-    """Starts a reply in the slots ``rows`` [P] (distinct slot ids) where ``starting`` [P].
+    """Starts a reply in the slots ``rows`` [P] (distinct slot ids; None: every slot, P = B)
+    where ``starting`` [P].
 
     new_tokens [P, N] int32 (the first new_lens[p] are real); reset [P] bool (a new
     conversation: forget the slot's cache); stop_ids [P, S] (-1 pads); keys [P]: each reply's

@@ -173,10 +173,11 @@ class RolloutSection:
     ``max_context`` tokens for its episode; 0 = one per trajectory of the batch. With fewer
     slots than trajectories, new trajectories wait for a slot whose episode has ended."""
     decode_rows: int = 0
-    """``slots``: replies decoded at once (each sampler call gathers its busy slots' caches
-    into these rows and writes them back); 0 = every slot. Fewer rows than slots keep the
-    rows busy while trajectories wait on their environments, their caches parked in their
-    slots; a call costs its busy rows."""
+    """``slots``: replies decoded at once (each sampler call reads and writes its busy
+    slots' rows of the cache in place); 0 = every slot. Fewer rows than slots keep the rows
+    busy while trajectories wait on their environments, their caches parked in their slots;
+    a call costs its busy rows. Needs the sampler's batch on one device (a sample mesh whose
+    data x fsdp is 1)."""
     decode_widths: int = 16
     """``slots``: compiled decode widths: a call decodes its busy slots rounded up to a
     multiple of ``decode_rows / decode_widths`` rows, and ends once that many rows have

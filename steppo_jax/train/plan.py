@@ -28,9 +28,9 @@ count once); resident = bytes that stay allocated while the program runs without
 arguments (the train state and the reference while sampling, the optimizer state while scoring,
 the reference while updating: the sampler's cache and weights are released before the passes);
 the program fits when peak + resident <= the chip's HBM. Under asynchronous training
-(``rollout.max_staleness`` >= 1, one process) the sampler runs beside the update: the update's
-resident bytes then include the largest sampler program's peak, and the sampler programs' the
-update's peak. FLOPs come from the model config, not
+(``rollout.max_staleness`` >= 1, one process) the sampler runs beside the scoring pass and the
+update: their resident bytes then include the largest sampler program's peak, and the sampler
+programs' the larger of their peaks. FLOPs come from the model config, not
 XLA's cost analysis (on a CPU-hosted TPU compile it counts loop bodies once and skips Pallas
 kernels): 2 x matmul parameters x tokens plus causal attention 2 x L x H x hd x T^2 per
 row forward, x 3 for forward + backward; the estimated time is FLOPs / (peak FLOP/s x MFU),
@@ -211,8 +211,12 @@ def slot_sampler_shapes(cfg: Config, trajectories: int, sample_mesh) -> SlotShap
         return None
     shards = sharding.batch_shards(sample_mesh)
     slots, rows = slot_rows(r, trajectories, shards)
-    return SlotShapes.create(batch_size=slots, decode_rows=rows, decode_widths=r.decode_widths, shards=shards,
-                             capacity=r.max_context, max_new_tokens=r.max_new_tokens, prefill_chunk=r.prefill_chunk)
+    try:
+        return SlotShapes.create(batch_size=slots, decode_rows=rows, decode_widths=r.decode_widths, shards=shards,
+                                 capacity=r.max_context, max_new_tokens=r.max_new_tokens,
+                                 prefill_chunk=r.prefill_chunk)
+    except ValueError as err:
+        raise ConfigError(f"rollout.decode_rows: {err}") from None
 
 
 def check_batch(cfg: Config, mesh, processes: int) -> None:
@@ -368,18 +372,17 @@ def programs(cfg: Config, devices: Sequence[Any], vocab_size: int,
     def slot_programs() -> tuple[Program, Program]:
         """The slot engine's largest calls (``Sampler.decode``): a prefill of the most rows a
         call starts at the widest prompt, its attention over the whole cache; a decode of
-        ``decode_chunk`` tokens over the whole cache in the most rows a call that reads its rows
-        out of the cache runs (fewer than the slots; every slot when no call does)."""
+        ``decode_chunk`` tokens in ``decode_rows`` rows over the whole cache."""
         slots = slot_sampler_shapes(cfg, b, sample_mesh)
         cache = _decode_state(models.config, slots.batch_size, r.max_context, sample_mesh)
         resident = device_bytes(state) + ref_bytes
-        size = slots.prefill_rows(slots.decode_rows)
-        rows = max([w for w, _ in slots.decode_programs() if w < slots.batch_size], default=slots.batch_size)
+        size, rows = slots.prefill_rows(slots.decode_rows), slots.decode_rows
         vec = lambda n, dtype: _sds((n,), dtype, sample_mesh)  # noqa: E731
         keys_of = lambda n: _sds((n,), keys.dtype, sample_mesh)  # noqa: E731
         width = s.prefill_width + 1  # with the pending token
         prefill = Program(jit_prefill_slots,
-                          (models.policy_def, sample_params, cache, vec(size, jnp.int32), vec(size, jnp.bool_),
+                          (models.policy_def, sample_params, cache,
+                           vec(size, jnp.int32) if size < slots.batch_size else None, vec(size, jnp.bool_),
                            _sds((size, s.prefill_width), jnp.int32, sample_mesh), vec(size, jnp.int32),
                            vec(size, jnp.bool_), _sds((size, 8), jnp.int32, sample_mesh), keys_of(size)),
                           {"sampling": sampling, "prefill_chunk": r.prefill_chunk}, resident, sample_mesh,
@@ -483,18 +486,21 @@ def plan(cfg: Config, devices: Sequence[Any], *, name: str, vocab_size: int, chi
 
 def _run_together(rows: dict, progs: dict, hbm: int | None) -> None:
     """Asynchronous training (``rollout.max_staleness`` >= 1): the sampler keeps its weights
-    and cache and runs beside the update, so the update's row holds the largest compiled
-    sampler program's peak as resident, and each sampler row the update's peak (which holds
-    the train state) plus the reference: every one of them must fit update + sampler at once.
-    Rows are left as they are unless the update and a sampler program both compiled."""
+    and cache and runs beside the scoring pass and the update, so their rows hold the largest
+    compiled sampler program's peak as resident, and each sampler row the larger of theirs
+    (peak + resident): every one must fit them at once. Rows are left as they are unless a
+    sampler program and the score or update program both compiled."""
     sampler = [n for n in ("prefill", "decode") if n in rows and rows[n]["peak_bytes"] is not None]
-    update = rows.get("update")
-    if not sampler or update is None or update["peak_bytes"] is None:
+    learners = [n for n in ("score", "update") if n in rows and rows[n]["peak_bytes"] is not None]
+    if not sampler or not learners:
         return
-    update["resident_bytes"] = progs["update"].resident + max(rows[n]["peak_bytes"] for n in sampler)
+    for n in learners:
+        rows[n]["resident_bytes"] = progs[n].resident + max(rows[m]["peak_bytes"] for m in sampler)
+    beside = max(rows[n]["peak_bytes"] + progs[n].resident for n in learners)
     for n in sampler:
-        rows[n]["resident_bytes"] = update["peak_bytes"] + progs["update"].resident
-    for row in [update] + [rows[n] for n in sampler]:
+        rows[n]["resident_bytes"] = beside
+    for n in sampler + learners:
+        row = rows[n]
         total = row["peak_bytes"] + row["resident_bytes"]
         row["fits"] = hbm is None or total <= hbm
         row["over_bytes"] = None if row["fits"] else total - hbm
@@ -516,7 +522,7 @@ _SLOT_KNOBS = ("rollout.slots", "rollout.decode_rows", "rollout.max_context", "m
 def knobs(cfg: Config, program: str) -> list[str]:
     """The config fields that would shrink ``program``'s memory, those this version has."""
     # asynchronous training holds the sampler beside the update: synchronous frees it
-    out = ["rollout.max_staleness"] if cfg.rollout.max_staleness and program != "score" else []
+    out = ["rollout.max_staleness"] if cfg.rollout.max_staleness else []
     slots = cfg.rollout.engine == "slots" and program in ("prefill", "decode")
     for path in _SLOT_KNOBS if slots else _KNOBS[program]:
         section, field = path.split(".")

@@ -143,9 +143,12 @@ class Runtime:
         decode_rows = None
         if r.engine == "slots":
             batch_size, decode_rows = slot_rows(r, batch_size, sharding.batch_shards(self.sample_mesh))
-        return Sampler(model, batch_size=batch_size, capacity=r.max_context, max_new_tokens=r.max_new_tokens,
-                       sampling=sampling, mesh=self.sample_mesh, first_row=first_row,
-                       prefill_chunk=r.prefill_chunk, decode_rows=decode_rows, decode_widths=r.decode_widths)
+        try:
+            return Sampler(model, batch_size=batch_size, capacity=r.max_context, max_new_tokens=r.max_new_tokens,
+                           sampling=sampling, mesh=self.sample_mesh, first_row=first_row,
+                           prefill_chunk=r.prefill_chunk, decode_rows=decode_rows, decode_widths=r.decode_widths)
+        except ValueError as err:
+            raise ConfigError(f"rollout.decode_rows: {err}") from None
 
     def to_sample_mesh(self, params):
         """The sampler's copy of policy ``params`` (train mesh): in the compute dtype, laid out
