@@ -64,33 +64,34 @@ class LatencyEnv:
     """An environment whose every step first sleeps a log-normal time of the given median and
     99th percentile, drawn from ``seed`` (the rest is the wrapped environment's)."""
 
-    def __init__(self, env, seed: int, median_s: float = 0.05, p99_s: float = 1.0, slept: list | None = None):
+    def __init__(self, env, seed: int, median_s: float = 0.05, p99_s: float = 1.0):
         self.env, self.name, self.max_steps = env, env.name, env.max_steps
         self.rng = np.random.default_rng(seed)
         self.mu, self.sigma = math.log(median_s), math.log(p99_s / median_s) / P99_Z
-        self.slept = slept if slept is not None else [0.0]  # seconds slept, summed over the envs sharing it
+        self.slept = 0.0  # seconds this environment has slept (its steps run one at a time)
 
     def reset(self, task_id, seed):
         return self.env.reset(task_id, seed)
 
     def step(self, action_text):
         pause = self.rng.lognormal(self.mu, self.sigma)
-        self.slept[0] += pause  # one float add under the GIL: safe across the pool's threads
+        self.slept += pause
         time.sleep(pause)
         return self.env.step(action_text)
 
 
 def latency_factory(make_env, median_s: float, p99_s: float):
     """Builds ``LatencyEnv``s, the k-th with seed k (``reset_count`` starts it again at 0);
-    ``factory.slept[0]``: the seconds all of them have slept."""
-    count, slept = [0], [0.0]
+    ``factory.slept()``: the seconds all of them have slept."""
+    count, built = [0], []
 
     def factory():
         count[0] += 1
-        return LatencyEnv(make_env(), count[0], median_s, p99_s, slept)
+        built.append(LatencyEnv(make_env(), count[0], median_s, p99_s))
+        return built[-1]
 
     factory.reset_count = lambda: count.__setitem__(0, 0)
-    factory.slept = slept
+    factory.slept = lambda: sum(env.slept for env in built)
     return factory
 
 
@@ -104,11 +105,11 @@ def measure(engines: dict, tasks, group_size: int, rounds: int, depth: int, fact
         batches = [tasks(1 + i * depth + j) for j in range(depth)]
         for name, engine in engines.items():
             factory.reset_count()
-            t0, slept = time.perf_counter(), factory.slept[0]
+            t0, slept = time.perf_counter(), factory.slept()
             for work in ([sum(batches, [])] if name == "slots" else batches):
                 out[name]["records"] += engine.collect(work, group_size, jax.random.key(i), out[name]["timings"])
             out[name]["wall"] += time.perf_counter() - t0
-            out[name]["slept"] += factory.slept[0] - slept
+            out[name]["slept"] += factory.slept() - slept
     return out
 
 

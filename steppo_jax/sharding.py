@@ -131,7 +131,7 @@ def take_rows(table: jax.Array, ids: jax.Array | tuple, out_names: Sequence[str 
     mesh = jax.sharding.get_abstract_mesh()
     index = ids if isinstance(ids, tuple) else (ids,)
     if mesh.empty or not all(t == AxisType.Explicit for t in mesh.axis_types):
-        return constrain(jnp.take(table, ids, axis=0) if index is not ids else table[index], out_names)
+        return constrain(table[index] if isinstance(ids, tuple) else jnp.take(table, ids, axis=0), out_names)
     shape = jnp.broadcast_shapes(*(jnp.shape(i) for i in index)) + table.shape[len(index):]
     return table.at[index].get(out_sharding=logical_spec(out_names, shape, mesh))
 

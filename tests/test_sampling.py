@@ -315,7 +315,7 @@ def test_decode_in_chunks_draws_what_one_step_draws(model, chunk):
 
 def test_decode_runs_only_the_busy_rows(model):
     """With 3, then 1, of 16 slots busy, a call decodes 4, then 2 rows (busy slots rounded up to
-    an eighth of decode_rows with 8 widths, gathered out of the cache) and draws what `step` draws; its
+    an eighth of decode_rows with 8 widths, read and written in place in the cache) and draws what `step` draws; its
     slot-steps are the prefill's rows (a power of two) plus the decode's rows x iterations."""
     hot = SamplingParams(temperature=40.0)
     whole = Sampler(model, batch_size=16, capacity=64, max_new_tokens=4, sampling=hot)

@@ -300,8 +300,8 @@ class Sampler:
             widths = {r: self.shapes.prefill_width(int(lens[r]) + 1) for r in np.flatnonzero(starting)}
             for width in sorted(set(widths.values())):  # one prefill per width: short ones pad little
                 first = np.array([r for r, w in widths.items() if w == width])
-                size = self.shapes.prefill_rows(first.size)  # distinct rows: the starting ones, then others
-                rows = np.arange(b) if size == b else np.concatenate([first, np.setdiff1d(np.arange(b), first)])[:size]
+                rows = self._call_rows(first, self.shapes.prefill_rows(first.size))
+                size = rows.size
                 at = {r: p for p, r in enumerate(rows)}
                 tok = np.zeros((size, width - 1), np.int32)
                 for r in first:
@@ -318,9 +318,8 @@ class Sampler:
             if budget.max() > 0:
                 reach = int(np.max(np.where(budget > 0, lengths + lens + drawn + budget, 1)))
                 busy = np.flatnonzero(budget > 0)
-                ran = self.shapes.decode_width(busy.size)
-                # the busy rows first, then other distinct rows as padding (all rows: no gather)
-                rows = np.arange(b) if ran == b else np.concatenate([busy, np.setdiff1d(np.arange(b), busy)])[:ran]
+                rows = self._call_rows(busy, self.shapes.decode_width(busy.size))
+                ran = rows.size
                 out = self._decode(params, rows, budget[rows], stops, keys, offsets[rows] + drawn[rows], chunk,
                                    span=self.shapes.span(reach))
                 more, lp, n, stop = jax.device_get(tuple(out))
@@ -333,6 +332,13 @@ class Sampler:
         self._lengths = np.where(active, lengths + lens + np.array([len(t) for t in tokens]), self._lengths)
         return StepOutput(tokens=tokens, logprobs=logprobs, stopped=stopped, version=version, rows=ran,
                           slot_steps=slot_steps)
+
+    def _call_rows(self, chosen: np.ndarray, size: int) -> np.ndarray:
+        """The ``size`` distinct cache rows of a call on the ``chosen`` rows: every row in
+        order when ``size`` is the batch (the call gathers nothing), else the chosen ones first,
+        then others as padding."""
+        b = self.batch_size
+        return np.arange(b) if size == b else np.concatenate([chosen, np.setdiff1d(np.arange(b), chosen)])[:size]
 
     def _prefill(self, params, rows, starting, tok, lens, reset, stops, keys) -> Generation:
         """One `prefill_slots` call on the distinct cache rows ``rows`` [P] (host arrays, stops

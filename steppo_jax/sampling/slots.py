@@ -40,13 +40,14 @@ def _take_rows(state: DecodeState, rows: jax.Array | None) -> tuple[jax.Array, j
     return vectors if rows is None else tuple(take_rows(x, rows, ("batch",)) for x in vectors)
 
 
-def _put_rows(state: DecodeState, rows: jax.Array | None, kv, lengths, pending, has_pending) -> DecodeState:
+def _put_rows(state: DecodeState, rows: jax.Array | None, kv, lengths, pending, has_pending=None) -> DecodeState:
     """``state`` with the whole cache ``kv`` (updated in place) and the distinct cache rows
-    ``rows`` [P] (None: all rows) of its vectors replaced."""
+    ``rows`` [P] (None: all rows) of its vectors replaced (``has_pending`` None: unchanged)."""
     if rows is None:
-        return DecodeState(kv, lengths, pending, has_pending)
-    return DecodeState(kv, *(put_rows(f, (rows,), x, (None,)) for f, x in
-                             zip((state.lengths, state.pending, state.has_pending), (lengths, pending, has_pending))))
+        return DecodeState(kv, lengths, pending, state.has_pending if has_pending is None else has_pending)
+    put = lambda full, x: full if x is None else put_rows(full, (rows,), x, (None,))  # noqa: E731
+    return DecodeState(kv, put(state.lengths, lengths), put(state.pending, pending),
+                       put(state.has_pending, has_pending))
 
 
 def prefill_slots(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, rows: jax.Array | None,
@@ -130,11 +131,11 @@ def decode_slots(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, 
     zeros = jnp.zeros_like(offsets)
     out_tok = constrain(jnp.zeros((b, chunk), jnp.int32), ("batch", None))
     out_lp = constrain(jnp.zeros((b, chunk), jnp.float32), ("batch", None))
-    lengths, pending, has_pending = _take_rows(state, rows)
+    lengths, pending, _ = _take_rows(state, rows)
     carry = (jnp.zeros((), jnp.int32), state.kv, lengths, pending, ~busy | (budget <= 0),
              jnp.zeros_like(busy), zeros, out_tok, out_lp)
     _, kv, lengths, cur, _, stopped, counts, out_tok, out_lp = jax.lax.while_loop(cond, body, carry)
-    return _put_rows(state, rows, kv, lengths, cur, has_pending), Generation(out_tok, out_lp, counts, stopped)
+    return _put_rows(state, rows, kv, lengths, cur), Generation(out_tok, out_lp, counts, stopped)
 
 
 jit_prefill_slots = jax.jit(prefill_slots, static_argnames=("graphdef", "sampling", "prefill_chunk"),

@@ -14,8 +14,8 @@ ahead of time for that topology, and each one's per-device memory is read from t
 
 With ``rollout.engine: slots`` the sampler entries are the slot engine's programs instead
 (``sampling.slots``): ``prefill`` starts replies in the most slots a call can start at the
-widest prompt, ``decode`` draws ``rollout.decode_chunk`` tokens in the most rows a call that
-reads its rows out of the cache runs, both over a cache of ``rollout.slots`` rows; the shapes line gives how many programs such a sampler
+widest prompt, ``decode`` draws ``rollout.decode_chunk`` tokens in ``rollout.decode_rows``
+rows, both over a cache of ``rollout.slots`` rows (``train.runtime.slot_shapes``); the shapes line gives how many programs such a sampler
 can compile in all (``slot_programs``, each decode width x span and prefill rows x width:
 what ``Sampler.warm_up`` compiles).
 
@@ -56,11 +56,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from steppo_jax import sharding
 from steppo_jax.rollout.records import bucket_len
 from steppo_jax.sampling import SamplingParams, bucket, init_state as init_decode_state, jit_generate
-from steppo_jax.sampling.sampler import SlotShapes, prefill_width
+from steppo_jax.sampling.sampler import prefill_width
 from steppo_jax.sampling.slots import jit_decode_slots, jit_prefill_slots
 from steppo_jax.train.config import Config, ConfigError
 from steppo_jax.train.evaluate import eval_batch_size
-from steppo_jax.train.runtime import local_mesh, slot_rows
+from steppo_jax.train.runtime import local_mesh, slot_shapes
 from steppo_jax.train.state import TrainState, abstract_models, make_mesh, make_optimizer
 from steppo_jax.train.update import TrainBatch, make_update, score
 
@@ -193,30 +193,14 @@ def shapes(cfg: Config, processes: int, mesh, sample_mesh) -> Shapes:
     slots = e.max_steps if r.layout == "packed" else 1
     eval_share = -(-e.eval_tasks // processes)
     longest = r.max_context - r.max_new_tokens + 1  # the most tokens a sampler call prefills
-    slot_shapes = slot_sampler_shapes(cfg, local_traj, sample_mesh)
+    slot = slot_shapes(r, local_traj, sample_mesh) if r.engine == "slots" else None
     return Shapes(rows=rows, seq_len=bucket_len(r.max_context, maximum=r.max_context), slots=slots,
                   minibatch=rows // o.minibatches, sample_rows=local_traj,
                   eval_rows=eval_batch_size(eval_share, sample_mesh),
                   prefill_width=prefill_width(longest, r.prefill_chunk, longest) - 1,
-                  cache_rows=slot_shapes.batch_size if slot_shapes else local_traj,
-                  decode_rows=slot_shapes.decode_rows if slot_shapes else local_traj,
-                  slot_programs=len(slot_shapes.decode_programs()) + len(slot_shapes.prefill_programs())
-                  if slot_shapes else 0)
-
-
-def slot_sampler_shapes(cfg: Config, trajectories: int, sample_mesh) -> SlotShapes | None:
-    """The rollout sampler's ``SlotShapes`` (``Runtime.sampler``) for ``rollout.engine: slots``."""
-    r = cfg.rollout
-    if r.engine != "slots":
-        return None
-    shards = sharding.batch_shards(sample_mesh)
-    slots, rows = slot_rows(r, trajectories, shards)
-    try:
-        return SlotShapes.create(batch_size=slots, decode_rows=rows, decode_widths=r.decode_widths, shards=shards,
-                                 capacity=r.max_context, max_new_tokens=r.max_new_tokens,
-                                 prefill_chunk=r.prefill_chunk)
-    except ValueError as err:
-        raise ConfigError(f"rollout.decode_rows: {err}") from None
+                  cache_rows=slot.batch_size if slot else local_traj,
+                  decode_rows=slot.decode_rows if slot else local_traj,
+                  slot_programs=len(slot.decode_programs()) + len(slot.prefill_programs()) if slot else 0)
 
 
 def check_batch(cfg: Config, mesh, processes: int) -> None:
@@ -373,7 +357,7 @@ def programs(cfg: Config, devices: Sequence[Any], vocab_size: int,
         """The slot engine's largest calls (``Sampler.decode``): a prefill of the most rows a
         call starts at the widest prompt, its attention over the whole cache; a decode of
         ``decode_chunk`` tokens in ``decode_rows`` rows over the whole cache."""
-        slots = slot_sampler_shapes(cfg, b, sample_mesh)
+        slots = slot_shapes(r, b, sample_mesh)
         cache = _decode_state(models.config, slots.batch_size, r.max_context, sample_mesh)
         resident = device_bytes(state) + ref_bytes
         size, rows = slots.prefill_rows(slots.decode_rows), slots.decode_rows

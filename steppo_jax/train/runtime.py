@@ -20,7 +20,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from steppo_jax import envs, sharding
 from steppo_jax.rollout import (RolloutEngine, RolloutSettings, SlotEngine, TrajectoryRecord, bucket_len,
                                packed_batch, step_rows_batch)
-from steppo_jax.sampling import Sampler, SamplingParams
+from steppo_jax.sampling import Sampler, SamplingParams, SlotShapes
 from steppo_jax.tokenizer import load_tokenizer
 from steppo_jax.train.config import Config, ConfigError
 from steppo_jax.train.state import make_mesh
@@ -73,13 +73,20 @@ def _to_local(x: jax.Array, target) -> jax.Array:
     return jax.make_array_from_single_device_arrays(x.shape, target, pieces)
 
 
-def slot_rows(r, trajectories: int, shards: int) -> tuple[int, int]:
-    """The slot engine's (slots, decode rows) for a sampler of ``trajectories`` rows:
-    ``rollout.slots`` and ``rollout.decode_rows`` (0: one slot per trajectory, every slot
-    decoded), each at most ``trajectories`` and rounded up to a multiple of the ``shards``."""
+def slot_shapes(r, trajectories: int, mesh) -> SlotShapes:
+    """The slot engine's sampler shapes for ``trajectories`` rows on ``mesh``: ``rollout.slots``
+    slots decoded ``rollout.decode_rows`` at a time (0: one slot per trajectory, every slot
+    decoded), each at most ``trajectories`` and rounded up to a multiple of the mesh's batch
+    shards. A ConfigError when the mesh cannot decode fewer rows than its slots."""
+    shards = sharding.batch_shards(mesh)
     fit = lambda n: -(-min(n, trajectories) // shards) * shards  # noqa: E731
     slots = fit(r.slots) if r.slots else trajectories
-    return slots, fit(r.decode_rows) if r.decode_rows else slots
+    try:
+        return SlotShapes.create(batch_size=slots, decode_rows=fit(r.decode_rows) if r.decode_rows else slots,
+                                 decode_widths=r.decode_widths, shards=shards, capacity=r.max_context,
+                                 max_new_tokens=r.max_new_tokens, prefill_chunk=r.prefill_chunk)
+    except ValueError as err:
+        raise ConfigError(f"rollout.decode_rows: {err}") from None
 
 
 @dataclasses.dataclass
@@ -142,13 +149,11 @@ class Runtime:
         sampling = SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, greedy=greedy)
         decode_rows = None
         if r.engine == "slots":
-            batch_size, decode_rows = slot_rows(r, batch_size, sharding.batch_shards(self.sample_mesh))
-        try:
-            return Sampler(model, batch_size=batch_size, capacity=r.max_context, max_new_tokens=r.max_new_tokens,
-                           sampling=sampling, mesh=self.sample_mesh, first_row=first_row,
-                           prefill_chunk=r.prefill_chunk, decode_rows=decode_rows, decode_widths=r.decode_widths)
-        except ValueError as err:
-            raise ConfigError(f"rollout.decode_rows: {err}") from None
+            shapes = slot_shapes(r, batch_size, self.sample_mesh)
+            batch_size, decode_rows = shapes.batch_size, shapes.decode_rows
+        return Sampler(model, batch_size=batch_size, capacity=r.max_context, max_new_tokens=r.max_new_tokens,
+                       sampling=sampling, mesh=self.sample_mesh, first_row=first_row,
+                       prefill_chunk=r.prefill_chunk, decode_rows=decode_rows, decode_widths=r.decode_widths)
 
     def to_sample_mesh(self, params):
         """The sampler's copy of policy ``params`` (train mesh): in the compute dtype, laid out
