@@ -1,5 +1,6 @@
-"""``steppo compare``: the grid's bad input, the summary's figures by hand, and a tiny grid run
-end to end (one cell fresh, one resumed from a checkpoint, then skipped when finished)."""
+"""``steppo compare``: the grid's bad input, the summary's figures by hand, a tiny grid run
+end to end (one cell fresh, one resumed from a checkpoint, then skipped when finished), and the
+study's committed grids rebuilt from their cells."""
 
 import json
 import math
@@ -112,3 +113,39 @@ def test_grid_runs_resumes_and_skips_finished_cells(tmp_path):
     assert set(result["methods"]) == {"step_gae", "grpo"}
     for method in result["methods"].values():
         assert sorted(method["seeds"]["0"]["curve"]) == [0, 1, 2]
+
+
+STUDY = sorted(p.parent for p in (ROOT / "benchmarks" / "compare").glob("*/grid.json"))
+
+
+@pytest.mark.parametrize("committed", STUDY, ids=lambda p: p.name)
+def test_committed_study_regenerates_from_its_cells(committed, tmp_path, monkeypatch):
+    """Every table of the study in benchmarks/RESULTS.md comes from a committed grid: its
+    compare.json and compare.md rebuild, number for number, from the cells' committed files."""
+    out = tmp_path / committed.name
+    for path in committed.rglob("*"):  # only what is committed: configs, metrics, summaries
+        if path.is_file() and path.suffix in (".json", ".jsonl", ".yaml", ".md"):
+            (out / path.relative_to(committed)).parent.mkdir(parents=True, exist_ok=True)
+            (out / path.relative_to(committed)).write_bytes(path.read_bytes())
+    recorded = json.loads((committed / "grid.json").read_text())
+    before = json.loads((committed / "compare.json").read_text())
+    seeds = sorted({int(s) for m in before["methods"].values() for s in m["seeds"]})
+    monkeypatch.chdir(ROOT)  # the grid's config path is relative to the repository
+    grid = Grid(recorded["config"], list(before["methods"]), seeds, str(out), recorded["overrides"])
+    grid.claim()  # the config still loads to the grid's fields (ConfigError otherwise)
+    summarise(grid, threshold=before["threshold"])
+    after = json.loads((out / "compare.json").read_text())
+    assert after["finished"] == before["finished"] == len(grid.cells)
+    assert _close(after["methods"], before["methods"])
+    assert (out / "compare.md").read_text() == (committed / "compare.md").read_text()
+
+
+def _close(a, b) -> bool:
+    """Equal nested JSON, floats to 1e-9 relative."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(map(_close, a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
