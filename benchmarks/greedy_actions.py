@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import collections
 
-from steppo_jax.cli import _trainer_from_checkpoint
+from steppo_jax.cli import trainer_from_checkpoint
 from steppo_jax.envs.tools import parse_tool_call
 from steppo_jax.train.rl import load_policy_params
 
@@ -39,15 +39,14 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=8, help="sequences to print (default: %(default)s)")
     args = parser.parse_args()
 
-    trainer = _trainer_from_checkpoint(args.checkpoint)
+    trainer = trainer_from_checkpoint(args.checkpoint)
     params = trainer.state.params["policy"]
     if args.policy:
         params = load_policy_params(args.policy, params)
     stats, records = trainer.evaluator(params)
-    tok = trainer.rt.tokenizer
     played = collections.Counter()
     for r in records:
-        steps = [action(tok.decode(r.tokens[a:b], skip_special_tokens=True)) for a, b in r.step_spans]
+        steps = [action(m["content"]) for m in r.messages if m["role"] == "assistant"]
         played[(" ".join(steps), r.success)] += 1
     print(f"greedy success {stats['success']:.1%} on {len(records)} held-out tasks; most common action sequences:")
     for (steps, success), n in played.most_common(args.top):

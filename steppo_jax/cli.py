@@ -104,7 +104,9 @@ def cmd_demo(args) -> dict:
     return summary
 
 
-def _trainer_from_checkpoint(path: str):
+def trainer_from_checkpoint(path: str):
+    """The ``Trainer`` of the run whose ``checkpoints/`` directory is ``path``, restored to its
+    latest checkpoint (its config from the checkpoint); a CheckpointError naming what is wrong."""
     from steppo_jax.train.checkpoint import CheckpointError, CheckpointManager
     from steppo_jax.train.config import config_from_dict
     from steppo_jax.train.rl import Trainer
@@ -128,7 +130,7 @@ def _trainer_from_checkpoint(path: str):
 
 
 def cmd_eval(args) -> dict:
-    trainer = _trainer_from_checkpoint(args.checkpoint)
+    trainer = trainer_from_checkpoint(args.checkpoint)
     stats = trainer.evaluate()
     trainer.ckpt.close()
     if distributed.is_main():
@@ -141,7 +143,7 @@ def cmd_export(args) -> None:
 
     from steppo_jax.models import save_hf_checkpoint
 
-    trainer = _trainer_from_checkpoint(args.checkpoint)
+    trainer = trainer_from_checkpoint(args.checkpoint)
     model = nnx.merge(trainer.models.policy_def, trainer.state.params["policy"])
     trainer.ckpt.close()
     save_hf_checkpoint(model, args.out)

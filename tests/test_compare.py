@@ -145,11 +145,11 @@ def test_committed_study_regenerates_from_its_cells(committed, tmp_path, monkeyp
 
 
 def _close(a, b) -> bool:
-    """Equal nested JSON, floats to 1e-9 relative."""
+    """Equal JSON trees, floats to 1e-9 relative (pytest.approx takes no nested lists)."""
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
     if isinstance(a, list):
         return isinstance(b, list) and len(a) == len(b) and all(map(_close, a, b))
-    if isinstance(a, float) or isinstance(b, float):
-        return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    if isinstance(a, float) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
     return a == b
